@@ -65,6 +65,308 @@ def _run_verify(args: argparse.Namespace) -> int:
     return run_verify(seed=args.seed)
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, nargs="+", default=None,
+                   help="thread counts to measure, both sides pinned to each "
+                   "(default: 1 and all cores)")
+    p.add_argument("--reps", type=_positive_int, default=20,
+                   help="timed repetitions per measurement (the median is reported)")
+    p.add_argument("--quick", action="store_true", help="measure the first shape only")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from bnlab.bench import main as bench_main
+
+    return bench_main(args.threads, args.reps, args.quick)
+
+
+# --------------------------------------------------------------------------- train / eval /
+# models / demo (training issue)
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (numbers, null, true)."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding mnist/ and fashion-mnist/ (looked in first; then "
+                   "$BNLAB_DATA_DIR, then ~/.cache/bnlab)")
+    p.add_argument("--no-download", action="store_true",
+                   help="never download; fail if the files are not found locally")
+
+
+# (flag, dest) of every `bnlab train` option that a torchrun worker must receive again.
+_TRAIN_FORWARD = (
+    ("--model", "model"), ("--norm", "norm"), ("--placement", "placement"),
+    ("--dataset", "dataset"), ("--data-dir", "data_dir"), ("--steps", "steps"),
+    ("--epochs", "epochs"), ("--batch-size", "batch_size"),
+    ("--eval-batch-size", "eval_batch_size"), ("--optimizer", "optimizer"), ("--lr", "lr"),
+    ("--momentum", "momentum"), ("--weight-decay", "weight_decay"),
+    ("--eval-every", "eval_every"), ("--eval-subset", "eval_subset"), ("--seed", "seed"),
+    ("--threads", "threads"), ("--init-scale", "init_scale"),
+    ("--train-subset", "train_subset"), ("--device", "device"), ("--out", "out"),
+    ("--dist-timeout", "dist_timeout"),
+)
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="seed_cnn", help="see 'bnlab models'")
+    p.add_argument("--norm", default="bn", help="none, bn, gn, ln, … (see 'bnlab models')")
+    p.add_argument("--placement", default="before", help="norm 'before' or 'after' the "
+                   "activation")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or digits")
+    _add_data_args(p)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=None,
+                        help="optimizer steps (default 500 unless --epochs)")
+    length.add_argument("--epochs", type=_positive_float, default=None,
+                        help="passes over the training set (an epoch drops the last "
+                        "incomplete batch)")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="global batch size (split over --nproc workers)")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=1000)
+    p.add_argument("--optimizer", default="sgd", help="sgd or adam")
+    p.add_argument("--lr", type=_positive_float, default=0.01)
+    p.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    p.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every K steps")
+    p.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on the first N test images only")
+    p.add_argument("--eval-train", action="store_true",
+                   help="also report accuracy on the training split at each evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--init-scale", type=_positive_float, default=1.0,
+                   help="multiply every conv/linear weight after the default init")
+    p.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+                   help="train on the first N training images")
+    p.add_argument("--model-arg", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="model option, e.g. depth=16 width=64 dropout=0.5")
+    p.add_argument("--norm-arg", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="norm option, e.g. momentum=0.01")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write metrics.jsonl, model.safetensors and summary.json here "
+                   "(default: write nothing)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="local worker processes (torch.distributed.run, gloo on CPU)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="with --nproc > 1: synchronise BN statistics across workers")
+    p.add_argument("--dist-timeout", type=_positive_float, default=120.0, metavar="S",
+                   help="process-group timeout: a failed worker ends the job within this")
+
+
+def _train_worker_argv(args: argparse.Namespace) -> list[str]:
+    """The `bnlab train` arguments a torchrun worker gets: these ones, minus --nproc."""
+    argv = ["train"]
+    for flag, dest in _TRAIN_FORWARD:
+        value = getattr(args, dest)
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, pairs in (("--model-arg", args.model_arg), ("--norm-arg", args.norm_arg)):
+        import json
+
+        for key, value in pairs:
+            argv += [flag, f"{key}={json.dumps(value)}"]
+    for flag, on in (("--sync-bn", args.sync_bn), ("--overwrite", args.overwrite),
+                     ("--no-download", args.no_download), ("--eval-train", args.eval_train)):
+        if on:
+            argv.append(flag)
+    return argv
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from bnlab.distributed import launch  # type: ignore[import-not-found,unused-ignore]
+
+        return int(launch(args.nproc, _train_worker_argv(args), timeout_s=args.dist_timeout))
+
+    from bnlab.train import TrainConfig, format_summary, train
+
+    config = TrainConfig(
+        model=args.model, norm=args.norm, placement=args.placement, dataset=args.dataset,
+        steps=args.steps if args.steps is not None or args.epochs is not None else 500,
+        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, eval_every=args.eval_every, seed=args.seed,
+        threads=args.threads, model_kwargs=dict(args.model_arg),
+        norm_kwargs=dict(args.norm_arg), init_scale=args.init_scale,
+        train_subset=args.train_subset, eval_train=args.eval_train, sync_bn=args.sync_bn,
+        eval_subset=args.eval_subset, dist_timeout_s=args.dist_timeout, device=args.device,
+    )
+    result = train(config, args.out, overwrite=args.overwrite, data_dir=args.data_dir,
+                   download=not args.no_download)
+    if result.summary.get("rank", 0) == 0 and "test_acc" in result.summary:
+        print(format_summary(result.summary, args.out))
+    return 0
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a model.safetensors written by 'bnlab train'")
+    p.add_argument("--dataset", default=None, help="default: the dataset it was trained on")
+    _add_data_args(p)
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from bnlab.train import evaluate_checkpoint
+
+    line = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+                               download=not args.no_download, batch_size=args.batch_size)
+    print(line)
+    return 0
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist", help="input shape to count parameters for")
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from bnlab.models import format_model_table
+
+    print(format_model_table(args.dataset))
+    return 0
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bnlab-demo", metavar="DIR",
+                   help="where the table, plot and runs go")
+    p.add_argument("--dataset", default="auto",
+                   help="auto (MNIST if found or downloadable, else digits), mnist, "
+                   "fashion-mnist or digits")
+    _add_data_args(p)
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="steps per run (default: 300 on 28x28 data, 400 on digits)")
+    p.add_argument("--eval-every", type=_positive_int, default=None)
+    p.add_argument("--eval-subset", type=_positive_int, default=1000, metavar="N",
+                   help="evaluate on the first N test images")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse a non-empty --out that is not a previous demo")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from bnlab.demo import run_demo
+
+    run_demo(args.out, dataset=args.dataset, data_dir=args.data_dir,
+             download=not args.no_download, steps=args.steps, eval_every=args.eval_every,
+             eval_subset=args.eval_subset, threads=args.threads, overwrite=args.overwrite)
+    return 0
+
+
+# --------------------------------------------------------------------------- experiment / report
+
+
+def _add_experiment(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    sub.add_parser("list", help="list the experiments and the claims they test")
+    run = sub.add_parser("run", help="run the named experiments",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("names", nargs="+", metavar="NAME", help="experiments to run (see list)")
+    every = sub.add_parser("all", help="run every experiment",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for q in (run, every):
+        q.add_argument("--profile", choices=("smoke", "quick", "full"), default="quick",
+                       help="smoke: seconds (pipeline check); quick: minutes; full: >= 3 seeds")
+        q.add_argument("--jobs", type=_positive_int, default=1,
+                       help="runs in parallel (threads per run = cores // jobs)")
+        q.add_argument("--out", default="bnlab-lab", help="results folder (resumable)")
+        q.add_argument("--force", action="store_true",
+                       help="discard results in --out from another version/profile/config")
+        q.add_argument("--data-dir", default=None, help="folder holding mnist/, fashion-mnist/")
+        q.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or digits")
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        from bnlab.experiments import experiment_names, get_experiment
+
+        for name in experiment_names():
+            exp = get_experiment(name)
+            print(f"{name:<18} {exp.claim} (seeds: {exp.seeds})")
+        return 0
+    from bnlab.experiments import experiment_names
+    from bnlab.experiments.runner import run_lab
+
+    names = args.names if args.action == "run" else experiment_names()
+    run_lab(names, profile=args.profile, out=args.out, jobs=args.jobs, force=args.force,
+            data_dir=args.data_dir, dataset=args.dataset)
+    return 0
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="the --out folder of 'bnlab experiment'")
+    p.add_argument("--out", default=None,
+                   help="write the report (and copies of results and plots) here instead of DIR")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from bnlab.experiments.report import write_report
+
+    md, page = write_report(args.dir, args.out)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
+# --------------------------------------------------------------------------- recalibrate /
+# fold (toolkit issue)
+
+
+def _add_recalibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a model.safetensors written by 'bnlab train'")
+    p.add_argument("--dataset", default=None,
+                   help="training split to measure on (default: the checkpoint's dataset)")
+    _add_data_args(p)
+    p.add_argument("--num-batches", type=_positive_int, default=None,
+                   help="use the first N batches (default: the whole training split)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write (default: CHECKPOINT with .recalibrated.safetensors)")
+
+
+def _run_recalibrate(args: argparse.Namespace) -> int:
+    from bnlab.toolkit import recalibrate_checkpoint
+
+    print(recalibrate_checkpoint(
+        args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+        download=not args.no_download, num_batches=args.num_batches,
+        batch_size=args.batch_size, out=args.out,
+    ))
+    return 0
+
+
+def _add_fold(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a model.safetensors written by 'bnlab train'")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="folded model (safetensors; load with bnlab.toolkit.load_folded)")
+
+
+def _run_fold(args: argparse.Namespace) -> int:
+    from bnlab.toolkit import fold_checkpoint
+
+    print(fold_checkpoint(args.checkpoint, args.out))
+    return 0
+
+
 # --------------------------------------------------------------------------- commands
 
 # (name, one-line help, description, add_arguments, handler). Each later issue adds its
@@ -78,6 +380,85 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
         "check, and print max |diff| per case. Exits 1 on any mismatch.",
         _add_verify,
         _run_verify,
+    ),
+    (
+        "bench",
+        "time the NumPy core against torch's CPU batch norm",
+        "Forward+backward (training) and forward (eval) of the NumPy core and of torch at "
+        "the same thread count, median of --reps timings after warm-up, for the shapes of "
+        "the speed issue; prints ms, the ratio, effective GB/s, % of a copy's bandwidth "
+        "measured in the same run, and tracemalloc's peak extra memory.",
+        _add_bench,
+        _run_bench,
+    ),
+    (
+        "demo",
+        "the seed CNN with and without BN, at a moderate and a high learning rate",
+        "Train the seed-001 CNN with and without batch norm at lr 0.01 and 0.5 (SGD, "
+        "momentum 0.9, batch 64) on MNIST (or the bundled digits when MNIST is not "
+        "available), print a table and write a plot of test accuracy vs step.",
+        _add_demo,
+        _run_demo,
+    ),
+    (
+        "train",
+        "train a model (with or without a norm) on MNIST, Fashion-MNIST or digits",
+        "Train one model and write DIR/metrics.jsonl, DIR/model.safetensors and "
+        "DIR/summary.json (last: its presence means the run completed). A run whose loss "
+        "becomes NaN/Inf stops and records diverged: true (exit 0).",
+        _add_train,
+        _run_train,
+    ),
+    (
+        "eval",
+        "test accuracy of a checkpoint written by 'bnlab train'",
+        "Rebuild the model from the checkpoint's metadata, load its weights (safetensors, "
+        "never unpickled) and report test loss and accuracy.",
+        _add_eval,
+        _run_eval,
+    ),
+    (
+        "models",
+        "list the models with their parameter counts",
+        "List every model with its options and trainable parameter count with BN and "
+        "without.",
+        _add_models,
+        _run_models,
+    ),
+    (
+        "experiment",
+        "the claims lab: run the pre-registered experiments (list | run NAME... | all)",
+        "Each claim the seed documents make about batch norm is an experiment with a "
+        "verdict rule fixed before the runs. Results go to --out (resumable: a rerun skips "
+        "completed runs; a killed run is redone). Prints the time per experiment at the end.",
+        _add_experiment,
+        _run_experiment,
+    ),
+    (
+        "report",
+        "write report.md and a self-contained report.html from a lab results folder",
+        "Per claim: the verdict, the numbers, the plots (embedded in the HTML), the protocol, "
+        "the rule and the time it took.",
+        _add_report,
+        _run_report,
+    ),
+    (
+        "recalibrate",
+        "recompute a checkpoint's BN running statistics exactly on training data",
+        "Load a 'bnlab train' checkpoint, replace every BN layer's running mean and "
+        "variance by the exact population statistics of the training split (or its first "
+        "--num-batches batches), report test accuracy before and after, and save.",
+        _add_recalibrate,
+        _run_recalibrate,
+    ),
+    (
+        "fold",
+        "fold BN into the preceding conv/linear layers for inference",
+        "Load a 'bnlab train' checkpoint, fold every BN that follows a Conv/Linear whose "
+        "output feeds only it (bnlab.nn.fold_bn), check the outputs agree, and save the "
+        "folded model as safetensors with the original config in its metadata.",
+        _add_fold,
+        _run_fold,
     ),
 ]
 

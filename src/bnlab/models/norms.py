@@ -91,3 +91,31 @@ def _ln(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
     # GroupNorm with one group normalises each sample over (C, *spatial), which is layer
     # norm with a per-channel (not per-element) affine, and needs no spatial size upfront.
     return nn.GroupNorm(1, num_features, **kwargs)
+
+
+# --------------------------------------------------------------- toolkit (bnlab.nn, issue 5)
+
+
+@register_norm("renorm", "Batch Renorm (Ioffe 2017): bnlab.nn.BatchRenorm1d/2d/3d")
+def _renorm(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    from bnlab.nn import renorm
+
+    cls = {1: renorm.BatchRenorm1d, 2: renorm.BatchRenorm2d, 3: renorm.BatchRenorm3d}[dim]
+    return cls(num_features, **kwargs)
+
+
+@register_norm(
+    "ghost", "Ghost BN (Hoffer 2017): bnlab.nn.GhostBatchNorm1d/2d/3d, virtual batch 32"
+)
+def _ghost(num_features: int, dim: int, virtual_batch_size: int = 32, **kwargs: Any) -> nn.Module:
+    from bnlab.nn import ghost
+
+    cls = {1: ghost.GhostBatchNorm1d, 2: ghost.GhostBatchNorm2d, 3: ghost.GhostBatchNorm3d}[dim]
+    return cls(num_features, virtual_batch_size, **kwargs)
+
+
+@register_norm("frozen", "frozen BN (fixed affine map): bnlab.nn.FrozenBatchNorm1d/2d/3d")
+def _frozen(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    from bnlab.nn import frozen
+
+    return frozen.FROZEN[dim](num_features, **kwargs)

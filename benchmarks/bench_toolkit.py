@@ -1,0 +1,93 @@
+"""Toolkit speed, as ratios against a reference measured in the same run.
+
+    python benchmarks/bench_toolkit.py [--reps 20] [--threads 2]
+
+1. forward+backward on (64, 64, 28, 28) float32, training mode: BatchRenorm2d and
+   GhostBatchNorm2d(virtual 16) vs torch.nn.BatchNorm2d (targets: <= 1.5x, <= 2x);
+2. inference of fold_bn(seed_cnn) vs the unfolded seed CNN in eval mode, batch 256
+   (target: speed-up >= 1.15x).
+
+Median of --reps repetitions after warm-up; the cases are interleaved rep by rep, so a busy
+shared CPU slows them alike. Absolute times are printed for context only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bnlab.models import build_model
+from bnlab.nn import BatchRenorm2d, GhostBatchNorm2d, fold_bn
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _medians(cases: dict[str, Callable[[], object]], reps: int, warmup: int = 3) -> dict:
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], object]:
+    def step() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(g)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    x = torch.randn(64, 64, 28, 28, requires_grad=True)
+    g = torch.randn(64, 64, 28, 28)
+    layers = {
+        "BatchNorm2d": nn.BatchNorm2d(64),
+        "BatchRenorm2d": BatchRenorm2d(64, warmup_steps=0),
+        "GhostBatchNorm2d(16)": GhostBatchNorm2d(64, 16),
+    }
+    med = _medians({k: _fwd_bwd(m, x, g) for k, m in layers.items()}, args.reps)
+    ref = med["BatchNorm2d"]
+    print(f"fwd+bwd (64, 64, 28, 28) float32, {args.threads} threads, median of {args.reps}")
+    targets = {"BatchRenorm2d": 1.5, "GhostBatchNorm2d(16)": 2.0}
+    for name, t in med.items():
+        line = f"  {name:22s} {1e3 * t:8.2f} ms  {t / ref:5.2f}x BatchNorm2d"
+        if name in targets:
+            verdict = "ok" if t / ref <= targets[name] else "MISSED"
+            line += f"  (target <= {targets[name]}x: {verdict})"
+        print(line)
+
+    model = build_model("seed_cnn", norm="bn").eval()
+    folded = fold_bn(model)
+    xb = torch.randn(256, 1, 28, 28)
+    with torch.no_grad():
+        diff = float((folded(xb) - model(xb)).abs().max())
+        med = _medians({"unfolded": lambda: model(xb), "folded": lambda: folded(xb)}, args.reps)
+    speedup = med["unfolded"] / med["folded"]
+    print(f"seed_cnn inference, batch 256, median of {args.reps} (max |diff| {diff:.1e})")
+    print(f"  unfolded {1e3 * med['unfolded']:8.2f} ms   folded {1e3 * med['folded']:8.2f} ms   "
+          f"speed-up {speedup:.2f}x (target >= 1.15x: {'ok' if speedup >= 1.15 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()

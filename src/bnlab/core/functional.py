@@ -1,0 +1,284 @@
+r"""Batch normalization as three pure functions, for inputs of any rank with channels on axis 1.
+
+For an input ``x`` of shape (N, C, *) every channel c is normalised over the N·M values it
+has in the batch (M = product of the trailing sizes)::
+
+    training:   mu_c  = mean(x[:, c])            var_c = mean((x[:, c] - mu_c)²)   (biased)
+    eval:       mu_c  = running_mean[c]          var_c = running_var[c]
+    both:       xhat  = (x - mu_c) / sqrt(var_c + eps)        y = weight_c · xhat + bias_c
+
+    backward (training, n = N·M):
+        dbias   = Σ dy                 dweight = Σ dy · xhat
+        dx      = weight_c / sqrt(var_c + eps) · (dy − dbias / n − xhat · dweight / n)
+    backward (eval): dx = weight_c / sqrt(var_c + eps) · dy   (the statistics are constants)
+
+    running update (PyTorch's convention, m = momentum, default 0.1):
+        running_mean ← m · mu + (1 − m) · running_mean
+        running_var  ← m · var · n / (n − 1) + (1 − m) · running_var      (unbiased)
+
+Numerics, where they happen:
+
+- Never ``E[x²] − E[x]²``: that difference cancels catastrophically when the mean is large
+  against the spread (mean 1e4, std 1e-2 in float32 loses every digit). We centre first:
+  ``d = x − k`` with ``k`` the mean of the first few samples (a shift close to the mean,
+  read from a sliver of the batch), then ``mean = k + r`` and ``var = E[d²] − r²`` with
+  ``r = E[d]`` small against the spread ("shifted data", Chan, Golub & LeVeque 1983). ``d``
+  is exact in floating point when x is close to k, so nothing is lost to the offset.
+- ``d`` (not xhat) is what forward keeps for backward: ``xhat = (d − r)·invstd`` is folded
+  into per-channel coefficients, which saves a pass over the tensor each way.
+- float16 input is computed in float32 (statistics and all), and the output is cast back to
+  float16, like PyTorch's CPU and CUDA kernels.
+- Everything else runs in the input's own dtype (float32 or float64).
+
+Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+Internal Covariate Shift", ICML 2015, Algorithm 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from bnlab.core import _kernels
+
+__all__ = [
+    "BatchNormCache",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "compute_dtype",
+    "update_running_stats",
+]
+
+FloatArray = NDArray[np.floating]
+
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass
+class BatchNormCache:
+    """What :func:`batch_norm_backward` needs from one forward call (and the batch stats).
+
+    ``centred`` is ``d = x − shift`` as (N, C, M) when the batch statistics were used
+    (``xhat = (d − residual)·invstd``); in eval, ``x`` itself is kept instead.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype  # the input's dtype: backward returns dx in it
+    training: bool  # True: batch statistics (gradient flows through them)
+    invstd: FloatArray  # (C,) 1 / sqrt(var + eps), compute dtype
+    weight: FloatArray | None
+    centred: FloatArray | None  # (N, C, M) d = x − shift, training only
+    residual: FloatArray | None  # (C,) r = mean − shift, training only
+    x: FloatArray | None  # (N, C, M), eval only
+    mean: FloatArray  # (C,) the mean used (batch or running)
+    var: FloatArray  # (C,) the variance used: biased batch variance, or running_var
+    count: int  # n = N·M values per channel
+    channels_last: bool = False  # arrays above are (N·M, C, 1): the input was channels-last
+
+    @property
+    def var_unbiased(self) -> FloatArray:
+        """Bessel-corrected batch variance ``var · n / (n − 1)``: what running_var tracks."""
+        return self.var * (self.count / (self.count - 1))
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype the arithmetic runs in: float32 for float16 input, else the input's."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def check_float_array(x: object, name: str) -> np.ndarray:
+    """Return ``x`` as an ndarray of float16/32/64, or raise TypeError naming what it was."""
+    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if arr.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point array (float16, float32 or float64), "
+            f"got dtype {arr.dtype}"
+        )
+    return arr
+
+
+def _is_channels_last(x: np.ndarray) -> bool:
+    """True for channels-last memory seen as (N, C, *): e.g. NHWC data moved to NCHW."""
+    return x.ndim > 2 and not x.flags.c_contiguous and np.moveaxis(x, 1, -1).flags.c_contiguous
+
+
+def _as_ncm(x: np.ndarray, dtype: np.dtype, channels_last: bool) -> FloatArray:
+    """(N, C, *) -> contiguous (N, C, M) in ``dtype``, a view when nothing needs to change.
+
+    Channels-last data becomes (N·M, C, 1) instead (the statistics are over N and the
+    positions alike), so it is normalised in place without a transposing copy.
+    """
+    if channels_last:
+        last = np.ascontiguousarray(np.moveaxis(x, 1, -1), dtype=dtype)
+        return last.reshape(-1, x.shape[1], 1)
+    return np.ascontiguousarray(x, dtype=dtype).reshape(x.shape[0], x.shape[1], -1)
+
+
+def _from_ncm(a: FloatArray, shape: tuple[int, ...], channels_last: bool) -> FloatArray:
+    """Inverse of :func:`_as_ncm`: (N, C, *) again, channels-last memory kept as it was."""
+    if channels_last:
+        return np.moveaxis(a.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
+    return a.reshape(shape)
+
+
+def batch_norm_forward(
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    *,
+    eps: float,
+    training: bool,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """Normalise ``x`` (N, C, *) per channel; return ``(y, cache)``, y with x's dtype.
+
+    ``training=True`` uses the batch statistics (``cache.mean``, ``cache.var``,
+    ``cache.var_unbiased`` then hold them for :func:`update_running_stats`);
+    ``training=False`` uses ``running_mean`` / ``running_var``. Nothing is modified.
+    """
+    x = check_float_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, C, ...), got shape {x.shape}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    num_channels = x.shape[1]
+    for name, v in (("weight", weight), ("bias", bias)):
+        if v is not None and np.shape(v) != (num_channels,):
+            raise ValueError(f"{name} must have shape ({num_channels},), got {np.shape(v)}")
+    cdt = compute_dtype(x.dtype)
+    channels_last = _is_channels_last(x)
+    x3 = _as_ncm(x, cdt, channels_last)
+    n = x3.shape[0] * x3.shape[2]
+
+    if training:
+        if n <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{tuple(x.shape)}: drop the last incomplete batch (drop_last=True) or "
+                f"call eval() to use the running statistics"
+            )
+        shift = _kernels.shift_estimate(x3)
+        d, sum_d, sum_d2 = _kernels.centre_and_moments(x3, shift)
+        residual = sum_d / n
+        if np.any(residual * residual > 0.25 * (sum_d2 / n)):
+            # The first samples were far from the batch mean (sorted data): E[d²] − r² would
+            # cancel, so centre again on the mean just found (one more pass, rarely taken).
+            shift = shift + residual
+            d, sum_d, sum_d2 = _kernels.centre_and_moments(x3, shift)
+            residual = sum_d / n
+        mean = shift + residual
+        var = np.maximum(sum_d2 / n - residual * residual, 0)
+        invstd = 1.0 / np.sqrt(var + cdt.type(eps))
+        w, b = _scale_and_shift(weight, bias, num_channels, cdt)
+        # y = (d − r)·invstd·w + b, as one scale and one shift per channel.
+        y = _kernels.affine(d, w * invstd, b - residual * (w * invstd))
+        cache = BatchNormCache(
+            x.shape, x.dtype, True, invstd, weight, d, residual, None, mean, var, n,
+            channels_last,
+        )
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "training=False normalises with running statistics, but running_mean or "
+                "running_var is None: pass both, or use training=True (batch statistics)"
+            )
+        mean = np.asarray(running_mean).astype(cdt)
+        var = np.asarray(running_var).astype(cdt)
+        invstd = 1.0 / np.sqrt(var + cdt.type(eps))
+        # Eval is one fused scale and shift: y = x·(w·invstd) + (b − mean·w·invstd), as in
+        # torch (with a huge offset this rounds like torch's eval; training is exact).
+        w, b = _scale_and_shift(weight, bias, num_channels, cdt)
+        y = _kernels.affine(x3, w * invstd, b - mean * (w * invstd))
+        cache = BatchNormCache(
+            x.shape, x.dtype, False, invstd, weight, None, None, x3, mean, var, n,
+            channels_last,
+        )
+    return _from_ncm(y, x.shape, channels_last).astype(x.dtype, copy=False), cache
+
+
+def _scale_and_shift(
+    weight: np.ndarray | None, bias: np.ndarray | None, channels: int, cdt: np.dtype
+) -> tuple[FloatArray, FloatArray]:
+    """weight and bias in the compute dtype; ones and zeros when the layer has none."""
+    scale = np.ones(channels, cdt) if weight is None else np.asarray(weight).astype(cdt)
+    shift = np.zeros(channels, cdt) if bias is None else np.asarray(bias).astype(cdt)
+    return scale, shift
+
+
+def batch_norm_backward(
+    dy: np.ndarray, cache: BatchNormCache
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Gradients of the forward call that produced ``cache``: ``(dx, dweight, dbias)``.
+
+    A training cache serves one backward (dx is computed in its buffer), like a torch graph.
+
+    ``dweight``/``dbias`` are None when the forward had no weight (affine=False); they are
+    in the weight's dtype, ``dx`` in the input's dtype.
+    """
+    dy = check_float_array(dy, "dy")
+    if dy.shape != cache.shape:
+        raise ValueError(
+            f"dy must have the shape of the forward input {cache.shape}, got {dy.shape}"
+        )
+    cdt = compute_dtype(cache.dtype)
+    dy3 = _as_ncm(dy, cdt, cache.channels_last)
+    weight = cache.weight
+    gain = cache.invstd if weight is None else cache.invstd * weight.astype(cdt)
+
+    if cache.training:
+        d = cache.centred
+        if d is None or cache.residual is None:
+            raise RuntimeError(
+                "backward() was already called for this forward (its buffer now holds dx): "
+                "run forward again"
+            )
+        n, r, invstd = cache.count, cache.residual, cache.invstd
+        sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
+        sum_dy_xhat = invstd * (sum_dy_d - r * sum_dy)  # Σ dy·(d − r)·invstd
+        # dx = gain·(dy − Σdy/n − xhat·Σdy·xhat/n) with xhat = (d − r)·invstd, computed in
+        # d's own memory (so the cache is spent: one backward per forward, as in torch).
+        k = -invstd * sum_dy_xhat / n
+        cache.centred = None
+        dx = _kernels.batch_norm_dx(dy3, d, gain, k, -k * r - sum_dy / n)
+    else:
+        if cache.x is None:
+            raise RuntimeError("internal error: an eval cache without x")
+        dx = _kernels.affine(dy3, gain, np.zeros_like(gain))
+        if weight is not None:
+            # The weight's gradient needs xhat, which eval does not keep: recompute it.
+            d, _, _ = _kernels.centre_and_moments(cache.x, cache.mean)
+            sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
+            sum_dy_xhat = sum_dy_d * cache.invstd
+
+    dx = _from_ncm(dx, cache.shape, cache.channels_last).astype(cache.dtype, copy=False)
+    if weight is None:
+        return dx, None, None
+    return dx, sum_dy_xhat.astype(weight.dtype), sum_dy.astype(weight.dtype)
+
+
+def update_running_stats(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    batch_mean: np.ndarray,
+    batch_var_unbiased: np.ndarray,
+    momentum_factor: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's update, returned as new arrays in the running statistics' dtype::
+
+        new = momentum_factor · batch + (1 − momentum_factor) · old
+
+    ``momentum_factor`` is the layer's ``momentum`` (0.1 by default: the batch's share), or
+    ``1 / num_batches_tracked`` for ``momentum=None`` (a cumulative average). Note the
+    convention: Keras' ``momentum=0.99`` is this ``momentum_factor=0.01``.
+    """
+    if not 0.0 <= momentum_factor <= 1.0:
+        raise ValueError(f"momentum_factor must be in [0, 1], got {momentum_factor}")
+    m = float(momentum_factor)
+    new_mean = m * batch_mean.astype(np.float64) + (1.0 - m) * running_mean.astype(np.float64)
+    new_var = m * batch_var_unbiased.astype(np.float64) + (1.0 - m) * running_var.astype(
+        np.float64
+    )
+    return new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype)

@@ -1,0 +1,175 @@
+"""Multi-process runs through torch's own launcher (``torch.distributed.run``, i.e. torchrun).
+
+``bnlab train --nproc N …`` calls :func:`launch`, which runs torchrun's elastic agent in this
+process with::
+
+    --nnodes 1 --nproc-per-node N --max-restarts 0
+    --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 --local-addr 127.0.0.1
+    -m bnlab <argv>
+
+so the rendezvous store, ``MASTER_ADDR`` and every worker connection stay on loopback, and
+the store port is picked by the OS (no fixed port to collide on). Each worker is a plain
+``python -m bnlab <argv>`` that sees torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
+``MASTER_ADDR``/``MASTER_PORT``. Multi-node runs use torchrun directly with its own
+rendezvous flags (see the README); nothing here re-implements a rendezvous.
+
+Failure behaviour (what bounds the time to a non-zero exit):
+
+* a worker raises or is killed: torchrun's agent notices within its monitor interval
+  (0.1 s), stops the other workers (SIGTERM), and :func:`launch` returns the failed
+  worker's exit code (1 if it was killed by a signal) after printing
+  ``bnlab: rank R failed …``;
+* a worker hangs without dying: the others block in their next collective until the
+  process-group timeout (``timeout_s``, default :data:`DEFAULT_TIMEOUT_S` = 120 s, set by
+  ``--dist-timeout``), then raise, which is the case above.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from bnlab.errors import BnlabError
+
+DEFAULT_TIMEOUT_S = 120.0
+"""Default process-group timeout in seconds: how long a collective waits for a peer."""
+
+TIMEOUT_ENV = "BNLAB_DIST_TIMEOUT_S"
+"""Environment variable through which :func:`launch` passes ``timeout_s`` to the workers."""
+
+
+def default_backend() -> str:
+    """``nccl`` when CUDA is available, else ``gloo`` (torch.distributed's CPU backend)."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def is_worker() -> bool:
+    """True inside a process started by torchrun (or any launcher that sets its env)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def env_timeout_s(default: float = DEFAULT_TIMEOUT_S) -> float:
+    """The process-group timeout :func:`launch` handed to this worker, else ``default``."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"${TIMEOUT_ENV} must be positive and finite, got {text!r}")
+    return value
+
+
+def init_process_group(timeout_s: float | None = None, backend: str | None = None) -> bool:
+    """Join the group described by torchrun's env vars; False when not a worker (W ≤ 1).
+
+    ``timeout_s`` bounds every collective (``None``: :func:`env_timeout_s`), so a rank
+    whose peer died or hangs raises instead of waiting forever. Already initialised:
+    nothing to do, returns True.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if dist.is_initialized():
+        return True
+    timeout = timedelta(seconds=env_timeout_s() if timeout_s is None else timeout_s)
+    dist.init_process_group(backend or default_backend(), timeout=timeout)
+    return True
+
+
+def torchrun_args(nproc: int, argv: Sequence[str], *, run_id: str | None = None) -> list[str]:
+    """torchrun's command line (without the ``torchrun`` itself) for N local workers."""
+    return [
+        "--nnodes", "1",
+        "--nproc-per-node", str(nproc),
+        "--max-restarts", "0",
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "127.0.0.1:0",
+        "--rdzv-id", run_id or uuid.uuid4().hex,
+        "--local-addr", "127.0.0.1",
+        "--module", "bnlab",
+        *argv,
+    ]
+
+
+def launch(nproc: int, argv: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+    """Run ``python -m bnlab <argv>`` in ``nproc`` local workers under torchrun; exit code.
+
+    ``timeout_s`` is the process-group timeout the workers use (exported to them as
+    ``$BNLAB_DIST_TIMEOUT_S``; a ``--dist-timeout`` in ``argv`` says the same to
+    ``bnlab train``). Returns 0 when every worker succeeded; otherwise prints which rank
+    failed first and how, and returns that worker's exit code (1 for a signal).
+    """
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise BnlabError(f"--nproc must be a positive whole number of processes, got {nproc!r}")
+    if not 0 < timeout_s < float("inf"):
+        raise BnlabError(f"--dist-timeout must be positive and finite seconds, got {timeout_s}")
+    if isinstance(argv, str) or not all(isinstance(a, str) for a in argv):
+        raise TypeError(f"argv must be a list of strings, got {argv!r}")
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(torchrun_args(nproc, argv))
+    saved = os.environ.get(TIMEOUT_ENV)
+    os.environ[TIMEOUT_ENV] = repr(float(timeout_s))
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        print(failure_message(exc.failures, nproc=nproc), file=sys.stderr, flush=True)
+        root = exc.failures[_root_causes(exc.failures)[0]]
+        return root.exitcode if root.exitcode > 0 else 1
+    except SignalException as exc:  # the launcher itself got SIGTERM/SIGINT/…
+        print(f"bnlab: launcher stopped by signal {exc.sigval.name}; workers were stopped",
+              file=sys.stderr, flush=True)
+        return 128 + int(exc.sigval)
+    finally:
+        if saved is None:
+            os.environ.pop(TIMEOUT_ENV, None)
+        else:
+            os.environ[TIMEOUT_ENV] = saved
+    return 0
+
+
+def failure_message(failures: dict[int, Any], *, nproc: int) -> str:
+    """One line per failed worker, the root cause first: its rank, exit code or signal.
+
+    ``failures`` maps global rank to torch's ``ProcessFailure`` (``exitcode``, negative for
+    a signal; ``timestamp``; ``signal_name()``). torchrun stops the surviving workers with
+    SIGTERM once one has failed and reports them as failures too, so a worker that died of
+    SIGTERM is only the root cause when every failure is a SIGTERM; among the others the
+    earliest (then the lowest rank) comes first. ``nproc`` is the number of workers.
+    """
+    if not failures:
+        raise ValueError("failure_message needs at least one failure")
+    real = _root_causes(failures)
+    lines = []
+    for i, rank in enumerate(real):
+        f = failures[rank]
+        how = (f"was killed by {f.signal_name()}" if f.exitcode < 0
+               else f"exited with code {f.exitcode}")
+        note = " (first failure; its traceback, if any, is above)" if i == 0 else ""
+        lines.append(f"bnlab: rank {rank} failed: it {how}{note}")
+    stopped = sorted(set(failures) - set(real))
+    if stopped:
+        ranks = ", ".join(str(r) for r in stopped)
+        lines.append(f"bnlab: rank(s) {ranks} of {nproc} were then stopped by torchrun (SIGTERM)")
+    return "\n".join(lines)
+
+
+def _root_causes(failures: dict[int, Any]) -> list[int]:
+    """The failed ranks that were not torchrun's SIGTERM teardown, earliest first."""
+    sigterm = -int(signal.SIGTERM)
+    real = [r for r in failures if failures[r].exitcode != sigterm] or list(failures)
+    return sorted(real, key=lambda r: (failures[r].timestamp, r))

@@ -1,0 +1,137 @@
+"""Claim (beyond the seeds): batch norm depends on the batch; batch-independent norms don't.
+
+Protocol: the seed CNN with BN, GroupNorm and LayerNorm (torch's built-ins through the norm
+registry; the toolkit's Batch Renorm and Ghost BN join when the registry has them), batch
+size in {2, 4, 8, 16, 32, 128}, at an equal number of training samples seen (steps =
+samples / batch), same SGD settings. Metric: final test accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bnlab.experiments.base import (
+    Analysis,
+    Experiment,
+    RunResult,
+    RunSpec,
+    compare,
+    eval_set_text,
+    final_acc,
+    fmt_ms,
+    select,
+    table_row,
+)
+from bnlab.train import TrainConfig
+
+BATCHES = (2, 4, 8, 16, 32, 128)
+BASE_NORMS = ("bn", "gn", "ln")
+EXTRA_NORMS = ("renorm", "ghost")
+THRESHOLD_PP = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    seeds: tuple[int, ...]
+    samples: int
+    batches: tuple[int, ...] = BATCHES
+    lr: float = 0.01
+    momentum: float = 0.9
+    eval_subset: int | None = None
+    model: str = "seed_cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def available_norms() -> list[str]:
+    """bn, gn, ln, plus the toolkit's renorm and ghost (defaults) when registered."""
+    from bnlab.models.norms import norm_names
+
+    have = norm_names()
+    return [*BASE_NORMS, *(n for n in EXTRA_NORMS if n in have)]
+
+
+class BatchSize(Experiment):
+    name = "batch-size"
+    claim = "Batch norm degrades at small batch sizes, unlike GroupNorm and LayerNorm."
+    seeds = "beyond the seeds"
+    rule = (
+        f"Per seed, gap(b) = best of GroupNorm/LayerNorm minus BN final test accuracy at "
+        f"batch b; effect = gap(smallest batch) − gap(largest batch). supported if the mean "
+        f"effect is at least {THRESHOLD_PP:g} percentage points and more than 2 standard "
+        f"errors above zero; not supported if mean + 2 SE is below {THRESHOLD_PP:g}; "
+        f"inconclusive otherwise."
+    )
+    profiles: ClassVar[dict[str, Config]] = {
+        "smoke": Config(seeds=(0,), samples=128, batches=(2, 64), eval_subset=200),
+        "quick": Config(seeds=(0,), samples=6400, eval_subset=2000),
+        "full": Config(seeds=(0, 1, 2), samples=32000),
+    }
+
+    def protocol(self, cfg: Config) -> str:
+        return (
+            f"{cfg.model} with norm in {available_norms()} (renorm and ghost with their "
+            f"registry defaults, when present), batch in {list(cfg.batches)}, "
+            f"{cfg.samples} training samples seen at every batch size (steps = samples / "
+            f"batch), SGD lr {cfg.lr} momentum {cfg.momentum}, seeds {list(cfg.seeds)}; "
+            f"accuracy on {eval_set_text(cfg.eval_subset)}."
+        )
+
+    def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
+        out = []
+        for norm in available_norms():
+            for b in cfg.batches:
+                steps = max(1, cfg.samples // b)
+                for seed in cfg.seeds:
+                    out.append(RunSpec({"norm": norm, "batch": b}, seed, TrainConfig(
+                        model=cfg.model, norm=norm, dataset=dataset, steps=steps,
+                        batch_size=b, lr=cfg.lr, momentum=cfg.momentum, eval_every=steps,
+                        seed=seed, eval_subset=cfg.eval_subset,
+                model_kwargs=dict(cfg.model_kwargs),
+                    )))
+        return out
+
+    def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
+        norms = list(dict.fromkeys(r.spec.group["norm"] for r in results))
+        table = []
+        for norm in norms:
+            for b in cfg.batches:
+                rs = select(results, norm=norm, batch=b)
+                table.append(table_row(
+                    {"norm": norm, "batch": b}, final_acc=fmt_ms([final_acc(r) for r in rs]),
+                    diverged=sum(bool(r.summary.get("diverged")) for r in rs), seeds=len(rs),
+                ))
+
+        def gap(b: int, seed: int) -> float:
+            def acc(n: str) -> float:
+                return next(final_acc(r) for r in select(results, norm=n, batch=b)
+                            if r.spec.seed == seed)
+            return max(acc("gn"), acc("ln")) - acc("bn")
+
+        lo, hi = min(cfg.batches), max(cfg.batches)
+        diffs = [100 * (gap(lo, s) - gap(hi, s)) for s in cfg.seeds]
+        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        bn_lo = fmt_ms([final_acc(r) for r in select(results, norm="bn", batch=lo)])
+        bn_hi = fmt_ms([final_acc(r) for r in select(results, norm="bn", batch=hi)])
+        headline = (
+            f"BN at batch {lo}: {bn_lo}, at batch {hi}: {bn_hi}; its deficit against the best "
+            f"of GN/LN grows by {d:+.1f} ± {se:.1f} points from batch {hi} to {lo}."
+        )
+        return Analysis(verdict, headline, {
+            "gap_growth_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,
+            "gap_small_pp": 100 * sum(gap(lo, s) for s in cfg.seeds) / len(cfg.seeds),
+            "gap_large_pp": 100 * sum(gap(hi, s) for s in cfg.seeds) / len(cfg.seeds),
+            "norms": norms, "seeds": len(diffs),
+        }, table)
+
+    def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
+        from bnlab.experiments.plots import sweep_plot
+
+        norms = list(dict.fromkeys(r.spec.group["norm"] for r in results))
+        groups = {n: [select(results, norm=n, batch=b) for b in cfg.batches] for n in norms}
+        return [sweep_plot(out_dir / "batch_size.png", cfg.batches, groups, "batch size",
+                           f"{cfg.model}: final accuracy vs batch ({cfg.samples} samples seen)")]
+
+
+EXPERIMENT = BatchSize()

@@ -1,0 +1,130 @@
+"""Claim: batch norm trains faster (seeds 000, 001).
+
+Protocol: the seed CNN with and without BN, same optimizer (SGD, momentum 0.9) and learning
+rate, test accuracy evaluated along training; steps to reach 97 / 98 / 99 %.
+
+Metric: the mean test accuracy over all evaluations (the normalised area under the accuracy
+curve: a network that gets there sooner scores higher), BN minus no BN, per seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bnlab.experiments.base import (
+    Analysis,
+    Experiment,
+    RunResult,
+    RunSpec,
+    acc_curve,
+    compare,
+    eval_set_text,
+    final_acc,
+    fmt_ms,
+    mean_std,
+    select,
+    steps_to,
+    table_row,
+)
+from bnlab.train import TrainConfig
+
+THRESHOLD_PP = 1.0  # BN's curve must lie at least 1 percentage point higher on average
+TARGETS = (0.97, 0.98, 0.99)
+
+
+@dataclass(frozen=True)
+class Config:
+    seeds: tuple[int, ...]
+    steps: int
+    eval_every: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 64
+    eval_subset: int | None = None
+    model: str = "seed_cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Convergence(Experiment):
+    name = "convergence"
+    claim = "Batch norm makes training converge faster."
+    seeds = "000, 001"
+    rule = (
+        f"Per seed, the mean test accuracy over all evaluations (area under the accuracy "
+        f"curve) with BN minus without. supported if the mean difference is at least "
+        f"{THRESHOLD_PP:g} percentage point and more than 2 standard errors above zero; not "
+        f"supported if mean + 2 SE is below {THRESHOLD_PP:g} point; inconclusive otherwise."
+    )
+    profiles: ClassVar[dict[str, Config]] = {
+        "smoke": Config(seeds=(0,), steps=10, eval_every=5, eval_subset=200),
+        "quick": Config(seeds=(0, 1), steps=300, eval_every=30, eval_subset=2000),
+        "full": Config(seeds=(0, 1, 2), steps=1000, eval_every=100),
+    }
+
+    def protocol(self, cfg: Config) -> str:
+        return (
+            f"{cfg.model} with norm=bn vs norm=none, SGD lr {cfg.lr} momentum {cfg.momentum}, "
+            f"batch {cfg.batch_size}, {cfg.steps} steps, test accuracy every "
+            f"{cfg.eval_every} steps on {eval_set_text(cfg.eval_subset)}, seeds {list(cfg.seeds)}; "
+            f"steps to reach "
+            f"{', '.join(f'{100 * t:g} %' for t in TARGETS)}."
+        )
+
+    def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
+        return [
+            RunSpec({"norm": norm}, seed, TrainConfig(
+                model=cfg.model, norm=norm, dataset=dataset, steps=cfg.steps,
+                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                eval_every=cfg.eval_every, seed=seed, eval_subset=cfg.eval_subset,
+                model_kwargs=dict(cfg.model_kwargs),
+            ))
+            for norm in ("none", "bn")
+            for seed in cfg.seeds
+        ]
+
+    def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
+        def auc(r: RunResult) -> float:
+            _, accs = acc_curve(r)
+            return sum(accs) / len(accs) if accs else 0.1
+
+        table = []
+        for norm in ("none", "bn"):
+            rs = select(results, norm=norm)
+            row = table_row({"norm": norm}, final_acc=fmt_ms([final_acc(r) for r in rs]),
+                            curve_mean_acc=fmt_ms([auc(r) for r in rs]), seeds=len(rs))
+            for t in TARGETS:
+                m = mean_std(steps_to(r, t) for r in rs)[0]
+                row[f"steps_to_{100 * t:g}"] = "never" if math.isinf(m) else f"{m:.0f}"
+            table.append(row)
+        bn, none = select(results, norm="bn"), select(results, norm="none")
+        diffs = [100 * (auc(b) - auc(n)) for b, n in zip(bn, none, strict=True)]
+        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        s97 = {n: mean_std(steps_to(r, TARGETS[0]) for r in select(results, norm=n))[0]
+               for n in ("bn", "none")}
+        headline = (
+            f"Accuracy curve {d:+.2f} ± {se:.2f} points higher with BN (mean over the run); "
+            f"steps to 97 %: BN {_steps(s97['bn'])}, no BN {_steps(s97['none'])}."
+        )
+        return Analysis(verdict, headline, {
+            "curve_diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,
+            "steps_to_97_bn": s97["bn"], "steps_to_97_none": s97["none"],
+            "seeds": len(diffs),
+        }, table)
+
+    def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
+        from bnlab.experiments.plots import curves_plot
+
+        groups = {"bn": select(results, norm="bn"), "none": select(results, norm="none")}
+        return [curves_plot(out_dir / "convergence.png", groups,
+                            f"{cfg.model}: test accuracy vs step (lr {cfg.lr})",
+                            colors={"bn": "tab:blue", "none": "tab:red"})]
+
+
+def _steps(x: float) -> str:
+    return "never" if math.isinf(x) else f"{x:.0f}"
+
+
+EXPERIMENT = Convergence()

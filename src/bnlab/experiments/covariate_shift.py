@@ -1,0 +1,353 @@
+"""Claim: batch norm reduces internal covariate shift (seeds 000, 001; the BN paper's
+Figure 1).
+
+Protocol (Ioffe & Szegedy 2015, §4.1): the MNIST MLP of three hidden layers of 100 sigmoid
+units (``paper_mlp``), with and without BN before each sigmoid, batch 60, plain SGD. Along
+training: test accuracy, and the 15th, 50th and 85th percentiles of the input to one fixed
+sigmoid of the last hidden layer (unit 0 of ``hidden3``) over a fixed set of test images,
+computed with the network in eval mode.
+
+Every configuration runs twice: in torch, and in the from-scratch NumPy core
+(``bnlab.core``'s Linear, BatchNorm1d, Sigmoid, softmax cross-entropy and SGD, end to end),
+starting from the same initial weights (the torch model's state dict, loaded into the
+core's layers) and drawing the same batches. The two curves should have the same shape.
+
+Metric: the drift of the sigmoid input's distribution, the mean absolute change of the
+three percentiles between consecutive recordings, divided by the final 15–85 width (so a
+distribution that is merely wider does not count as shifting more). The effect is
+log2(drift without BN / drift with BN), per seed, on the torch runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from bnlab.experiments.base import (
+    Analysis,
+    Experiment,
+    RunResult,
+    RunSpec,
+    acc_curve,
+    compare,
+    final_acc,
+    fmt_ms,
+    get_data,
+    select,
+    table_row,
+    write_run_files,
+)
+from bnlab.train import TrainConfig
+
+PERCENTILES = (15, 50, 85)
+UNIT = 0
+PROBE_IMAGES = 1000
+THRESHOLD_LOG2 = math.log2(1.5)
+BACKENDS = ("torch", "numpy")
+
+
+@dataclass(frozen=True)
+class Config:
+    seeds: tuple[int, ...]
+    steps: int
+    record_every: int
+    lr: float = 0.5
+    batch_size: int = 60
+
+
+class CovariateShift(Experiment):
+    name = "covariate-shift"
+    claim = ("Batch norm reduces internal covariate shift: the distribution of a layer's "
+             "inputs changes less during training.")
+    seeds = "000, 001"
+    rule = (
+        "Per seed (torch runs), drift = mean |change| of the 15/50/85th percentiles of the "
+        "sigmoid input between consecutive recordings ÷ the final 85−15 width; effect = "
+        "log2(drift without BN / drift with BN). supported if the mean effect is at least "
+        "log2(1.5) (no-BN drifts at least 1.5× more) and more than 2 standard errors above "
+        "zero; not supported if mean + 2 SE is below log2(1.5); inconclusive otherwise. "
+        "The NumPy runs must reproduce the torch curves (reported, not part of the verdict)."
+    )
+    profiles: ClassVar[dict[str, Config]] = {
+        "smoke": Config(seeds=(0,), steps=30, record_every=10),
+        "quick": Config(seeds=(0, 1), steps=3000, record_every=100),
+        "full": Config(seeds=(0, 1, 2), steps=20000, record_every=250),
+    }
+
+    def protocol(self, cfg: Config) -> str:
+        return (
+            f"paper_mlp (784-100-100-100-10, sigmoid) with norm=bn vs none, batch "
+            f"{cfg.batch_size}, SGD lr {cfg.lr} (no momentum), {cfg.steps} steps, recorded "
+            f"every {cfg.record_every} steps: test accuracy (10k images) and the "
+            f"{'/'.join(map(str, PERCENTILES))}th percentiles of the input to sigmoid unit "
+            f"{UNIT} of the last hidden layer over the first {PROBE_IMAGES} test images "
+            f"(eval mode); each in torch and in the NumPy core from the same init and "
+            f"batches; seeds {list(cfg.seeds)}."
+        )
+
+    def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
+        return [
+            RunSpec({"norm": norm, "backend": backend}, seed, TrainConfig(
+                model="paper_mlp", norm=norm, dataset=dataset, steps=cfg.steps,
+                batch_size=cfg.batch_size, lr=cfg.lr, momentum=0.0,
+                eval_every=cfg.record_every, seed=seed,
+            ), kind=f"percentiles-{backend}")
+            for norm in ("none", "bn")
+            for backend in BACKENDS
+            for seed in cfg.seeds
+        ]
+
+    def execute(self, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
+        metrics, summary = train_with_percentiles(spec.config, spec.group["backend"])
+        write_run_files(run_dir, metrics, summary)
+
+    def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
+        table = []
+        for norm in ("none", "bn"):
+            for backend in BACKENDS:
+                rs = select(results, norm=norm, backend=backend)
+                table.append(table_row(
+                    {"norm": norm, "backend": backend},
+                    final_acc=fmt_ms([final_acc(r) for r in rs]),
+                    drift=fmt_ms([drift(r) for r in rs], 1.0, ""),
+                    final_p15_p50_p85=", ".join(
+                        f"{np.mean([r.metrics[-1][f'p{q}'] for r in rs]):.2f}"
+                        for q in PERCENTILES),
+                    seeds=len(rs),
+                ))
+        none = select(results, norm="none", backend="torch")
+        bn = select(results, norm="bn", backend="torch")
+        diffs = [math.log2(drift(n) / drift(b)) if drift(b) > 0 else math.inf
+                 for n, b in zip(none, bn, strict=True)]
+        verdict, d, se = compare(diffs, THRESHOLD_LOG2)
+        agree = numpy_torch_agreement(results)
+        headline = (
+            f"Drift of the sigmoid input: no BN {fmt_ms([drift(r) for r in none], 1.0, '')} vs "
+            f"BN {fmt_ms([drift(r) for r in bn], 1.0, '')} ({2 ** d:.2f}× more without BN); "
+            f"NumPy core vs torch: accuracy curves within "
+            f"{agree['max_acc_diff_pp']:.2f} points."
+        )
+        return Analysis(verdict, headline, {
+            "log2_drift_ratio": d, "se_log2": se, "drift_ratio": 2 ** d,
+            "threshold_log2": THRESHOLD_LOG2, "seeds": len(diffs), **agree,
+        }, table, notes=[
+            "Santurkar et al. (2018) argue that BN's benefit does not come from reducing "
+            "internal covariate shift; this experiment only measures the shift itself.",
+        ])
+
+    def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
+        from bnlab.experiments.plots import COLORS, _pyplot, curves_plot, save
+
+        files = [curves_plot(
+            out_dir / "covariate_shift_accuracy.png",
+            {f"{n} ({b})": select(results, norm=n, backend=b) for n in ("bn", "none")
+             for b in BACKENDS},
+            "paper_mlp: test accuracy vs step (torch and NumPy core)",
+            colors={"bn (torch)": COLORS["bn"], "none (torch)": COLORS["none"],
+                    "bn (numpy)": "tab:cyan", "none (numpy)": "tab:pink"},
+        )]
+        plt = _pyplot()
+        fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+        for row, norm in enumerate(("none", "bn")):
+            for col, backend in enumerate(BACKENDS):
+                ax = axes[row][col]
+                rs = select(results, norm=norm, backend=backend)
+                if not rs:
+                    continue
+                r = rs[0]  # the first seed, as in the paper's figure
+                steps = [m["step"] for m in r.metrics]
+                for q, style in zip(PERCENTILES, ("--", "-", "--"), strict=True):
+                    ax.plot(steps, [m[f"p{q}"] for m in r.metrics], style,
+                            color=COLORS[norm], label=f"{q}th percentile")
+                ax.set_title(f"{'with' if norm == 'bn' else 'without'} BN — {backend} "
+                             f"(seed {r.spec.seed})", fontsize=10)
+                ax.grid(alpha=0.3)
+                if col == 0:
+                    ax.set_ylabel("input to a last-layer sigmoid")
+                if row == 1:
+                    ax.set_xlabel("training step")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("Sigmoid input distribution over training (cf. Ioffe & Szegedy, Fig. 1b,c)")
+        files.append(save(fig, out_dir / "covariate_shift_percentiles.png"))
+        return files
+
+
+def drift(r: RunResult) -> float:
+    """Mean |Δ percentile| between consecutive recordings (after init) ÷ final 85−15 width."""
+    ms = [m for m in r.metrics if m["step"] > 0]
+    if len(ms) < 2:
+        return math.nan
+    moves = [abs(b[f"p{q}"] - a[f"p{q}"]) for a, b in itertools.pairwise(ms)
+             for q in PERCENTILES]
+    width = ms[-1][f"p{PERCENTILES[-1]}"] - ms[-1][f"p{PERCENTILES[0]}"]
+    return float(np.mean(moves)) / max(width, 1e-12)
+
+
+def numpy_torch_agreement(results: list[RunResult]) -> dict[str, float]:
+    """Largest differences between the torch and the NumPy runs of the same config/seed."""
+    acc_diff, p_diff = 0.0, 0.0
+    for r in results:
+        if r.spec.group["backend"] != "torch":
+            continue
+        twin = [t for t in select(results, norm=r.spec.group["norm"], backend="numpy")
+                if t.spec.seed == r.spec.seed]
+        if not twin:
+            continue
+        a, b = acc_curve(r)[1], acc_curve(twin[0])[1]
+        acc_diff = max(acc_diff, *(abs(x - y) for x, y in zip(a, b, strict=True)))
+        p_diff = max(p_diff, *(abs(m[f"p{q}"] - n[f"p{q}"]) for m, n in
+                               zip(r.metrics, twin[0].metrics, strict=True) for q in PERCENTILES))
+    return {"max_acc_diff_pp": 100 * acc_diff, "max_percentile_diff": p_diff}
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def train_with_percentiles(config: TrainConfig, backend: str) -> tuple[list[dict[str, Any]],
+                                                                        dict[str, Any]]:
+    """Train ``paper_mlp`` in ``backend`` ("torch" or "numpy"), recording test accuracy and
+    the sigmoid-input percentiles every ``config.eval_every`` steps (and at step 0).
+
+    Both backends start from the torch model built with ``config.seed`` and draw the same
+    batch indices (``numpy.random.default_rng(config.seed)``, with replacement across
+    batches, without within one).
+    """
+    import torch
+
+    from bnlab import __version__
+    from bnlab.models import build_model
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    t0 = time.monotonic()
+    data = get_data(config.dataset)
+    xtr = data.train.tensors[0].reshape(len(data.train), -1).numpy()
+    ytr = data.train.tensors[1].numpy()
+    xte = data.test.tensors[0].reshape(len(data.test), -1).numpy()
+    yte = data.test.tensors[1].numpy()
+    torch.manual_seed(config.seed)
+    model = build_model("paper_mlp", norm=config.norm, in_shape=data.in_shape,
+                        num_classes=data.num_classes)
+    net: _TorchNet | _NumpyNet = (
+        _TorchNet(model, config.lr) if backend == "torch" else _NumpyNet(model, config.lr)
+    )
+    rng = np.random.default_rng(config.seed)
+    metrics = [_record(net, 0, xte, yte, t0)]
+    diverged = False
+    steps = config.steps if config.steps is not None else 0
+    for step in range(1, steps + 1):
+        idx = rng.choice(len(xtr), size=config.batch_size, replace=False)
+        loss = net.step(xtr[idx], ytr[idx])
+        if not math.isfinite(loss):
+            diverged = True
+            break
+        if step % config.eval_every == 0 or step == steps:
+            metrics.append(_record(net, step, xte, yte, t0, train_loss=loss))
+    last = metrics[-1]
+    summary = {
+        "test_acc": last["test_acc"], "test_loss": last["test_loss"],
+        "steps": last["step"], "diverged": diverged, "backend": backend,
+        "wall_time_s": time.monotonic() - t0, "dataset_source": data.source,
+        "config": asdict(config), "bnlab_version": __version__,
+    }
+    return metrics, summary
+
+
+def _record(net: Any, step: int, x: np.ndarray, y: np.ndarray, t0: float,
+            train_loss: float | None = None) -> dict[str, Any]:
+    logits, probe = net.evaluate(x, PROBE_IMAGES)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    out: dict[str, Any] = {
+        "step": step, "train_loss": train_loss,
+        "test_loss": float(-logp[np.arange(len(y)), y].mean()),
+        "test_acc": float((logits.argmax(axis=1) == y).mean()),
+        "wall_time_s": time.monotonic() - t0,
+    }
+    for q in PERCENTILES:
+        out[f"p{q}"] = float(np.percentile(probe, q))
+    return out
+
+
+class _TorchNet:
+    def __init__(self, model: Any, lr: float) -> None:
+        import torch
+
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
+        self._probe: Any = None
+        model.hidden3.act.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, args: tuple[Any, ...]) -> None:
+        self._probe = args[0][:, UNIT].detach()
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        self.model.train()
+        loss = F.cross_entropy(self.model(torch.from_numpy(x)), torch.from_numpy(y))
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    def evaluate(self, x: np.ndarray, n_probe: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(x)).numpy()
+            self.model(torch.from_numpy(x[:n_probe]))
+        return logits, self._probe.numpy().copy()
+
+
+class _NumpyNet:
+    """The same MLP in :mod:`bnlab.core`, initialised from the torch model's weights."""
+
+    def __init__(self, model: Any, lr: float) -> None:
+        from bnlab import core
+
+        layers: list[Any] = []
+        self.probe_index = -1
+        for block in (model.hidden1, model.hidden2, model.hidden3):
+            lin = block.layer
+            linear = core.Linear(lin.in_features, lin.out_features)
+            linear.load_state_dict({k: v.detach().numpy() for k, v in lin.state_dict().items()})
+            layers.append(linear)
+            norm_state = block.norm.state_dict()
+            if norm_state:
+                bn = core.BatchNorm1d(lin.out_features)
+                bn.load_state_dict({k: v.detach().numpy() for k, v in norm_state.items()})
+                layers.append(bn)
+            self.probe_index = len(layers) - 1  # the output feeding the sigmoid
+            layers.append(core.Sigmoid())
+        out = core.Linear(model.out.in_features, model.out.out_features)
+        out.load_state_dict({k: v.detach().numpy() for k, v in model.out.state_dict().items()})
+        layers.append(out)
+        self.net = core.Sequential(*layers)
+        self.opt = core.SGD(self.net, lr=lr)
+        self.loss = core.softmax_cross_entropy
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        self.net.train()
+        loss, dlogits = self.loss(self.net(x), y)
+        self.opt.zero_grad()
+        self.net.backward(dlogits)
+        self.opt.step()
+        return float(loss)
+
+    def evaluate(self, x: np.ndarray, n_probe: int) -> tuple[np.ndarray, np.ndarray]:
+        self.net.eval()
+        logits = self.net(x)
+        self.net(x[:n_probe], record=True)
+        return logits, self.net.outputs[self.probe_index][:, UNIT].copy()
+
+
+EXPERIMENT = CovariateShift()

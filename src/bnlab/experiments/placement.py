@@ -1,0 +1,109 @@
+"""Claim: BN before the activation (the paper's and the seeds' default) vs after it
+(seeds 002, 003; 002 calls the placement an open question to experiment with).
+
+Protocol: the seed CNN with BN placed before the ReLU (Conv/Linear → BN → ReLU) and after
+it (Conv/Linear → ReLU → BN), same everything else. Metric: final test accuracy, before
+minus after, per seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bnlab.experiments.base import (
+    Analysis,
+    Experiment,
+    RunResult,
+    RunSpec,
+    compare,
+    eval_set_text,
+    final_acc,
+    fmt_ms,
+    select,
+    table_row,
+)
+from bnlab.train import TrainConfig
+
+THRESHOLD_PP = 0.3
+PLACEMENTS = ("before", "after")
+
+
+@dataclass(frozen=True)
+class Config:
+    seeds: tuple[int, ...]
+    steps: int
+    eval_every: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 64
+    eval_subset: int | None = None
+    model: str = "seed_cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Placement(Experiment):
+    name = "placement"
+    claim = "BN placed before the activation (the usual default) trains better than after it."
+    seeds = "002, 003"
+    rule = (
+        f"Per seed, final test accuracy with BN before the ReLU minus after it. supported if "
+        f"the mean is at least {THRESHOLD_PP:g} percentage point and more than 2 standard "
+        f"errors above zero; not supported if mean + 2 SE is below {THRESHOLD_PP:g} (after "
+        f"is as good or better); inconclusive otherwise."
+    )
+    profiles: ClassVar[dict[str, Config]] = {
+        "smoke": Config(seeds=(0,), steps=10, eval_every=5, eval_subset=200),
+        "quick": Config(seeds=(0, 1), steps=300, eval_every=100, eval_subset=5000),
+        "full": Config(seeds=(0, 1, 2), steps=1500, eval_every=300),
+    }
+
+    def protocol(self, cfg: Config) -> str:
+        return (
+            f"{cfg.model} with norm=bn, placement before vs after the ReLU, SGD lr {cfg.lr} "
+            f"momentum {cfg.momentum}, batch {cfg.batch_size}, {cfg.steps} steps, test "
+            f"accuracy every {cfg.eval_every} steps on {eval_set_text(cfg.eval_subset)}, seeds "
+            f"{list(cfg.seeds)}."
+        )
+
+    def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
+        return [
+            RunSpec({"placement": pl}, seed, TrainConfig(
+                model=cfg.model, norm="bn", placement=pl, dataset=dataset, steps=cfg.steps,
+                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                eval_every=cfg.eval_every, seed=seed, eval_subset=cfg.eval_subset,
+                model_kwargs=dict(cfg.model_kwargs),
+            ))
+            for pl in PLACEMENTS
+            for seed in cfg.seeds
+        ]
+
+    def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
+        table = [
+            table_row({"placement": pl},
+                      final_acc=fmt_ms([final_acc(r) for r in select(results, placement=pl)]),
+                      seeds=len(select(results, placement=pl)))
+            for pl in PLACEMENTS
+        ]
+        before, after = select(results, placement="before"), select(results, placement="after")
+        diffs = [100 * (final_acc(b) - final_acc(a)) for b, a in zip(before, after, strict=True)]
+        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        headline = (
+            f"Final test accuracy: before {fmt_ms([final_acc(r) for r in before])}, after "
+            f"{fmt_ms([final_acc(r) for r in after])} ({d:+.2f} ± {se:.2f} points for before)."
+        )
+        return Analysis(verdict, headline, {
+            "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP, "seeds": len(diffs),
+        }, table)
+
+    def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
+        from bnlab.experiments.plots import curves_plot
+
+        groups = {f"BN {pl} ReLU": select(results, placement=pl) for pl in PLACEMENTS}
+        return [curves_plot(out_dir / "placement.png", groups,
+                            f"{cfg.model}: BN before vs after the activation",
+                            colors={"BN before ReLU": "tab:blue", "BN after ReLU": "tab:green"})]
+
+
+EXPERIMENT = Placement()

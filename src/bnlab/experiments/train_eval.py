@@ -1,0 +1,180 @@
+"""Claim: at inference BN uses its running statistics, not the batch's (seeds 001, 003).
+
+Protocol: the seed CNN with BN, trained with BN momentum in {0.01, 0.1, 0.5, None
+(cumulative average)}. After training, test accuracy on a fixed test subset with the
+running statistics (``model.eval()``), and with the batch's own statistics (BN layers in
+train mode) for eval batches of several sizes, down to 2 images: what a model that forgot
+``model.eval()`` does. The batch-statistics evaluation runs on a copy of the model with BN
+momentum 0, so the trained model and its running statistics are never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bnlab.experiments.base import (
+    Analysis,
+    Experiment,
+    RunResult,
+    RunSpec,
+    compare,
+    fmt_ms,
+    get_data,
+    select,
+    table_row,
+    write_run_files,
+)
+from bnlab.train import TrainConfig
+
+MOMENTA: tuple[float | None, ...] = (0.01, 0.1, 0.5, None)
+EVAL_BATCHES = (1000, 32, 8, 2)
+THRESHOLD_PP = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    seeds: tuple[int, ...]
+    steps: int
+    eval_subset: int
+    momenta: tuple[float | None, ...] = MOMENTA
+    eval_batches: tuple[int, ...] = EVAL_BATCHES
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 64
+    model: str = "seed_cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainEval(Experiment):
+    name = "train-eval"
+    claim = "At inference, BN must use its running statistics rather than batch statistics."
+    seeds = "001, 003"
+    rule = (
+        f"Per seed, with the default BN momentum 0.1: test accuracy with running statistics "
+        f"minus accuracy with batch statistics at the smallest eval batch. supported if the "
+        f"mean is at least {THRESHOLD_PP:g} percentage point and more than 2 standard errors "
+        f"above zero; not supported if mean + 2 SE is below {THRESHOLD_PP:g}; inconclusive "
+        f"otherwise."
+    )
+    profiles: ClassVar[dict[str, Config]] = {
+        "smoke": Config(seeds=(0,), steps=10, eval_subset=200, momenta=(0.1, None),
+                        eval_batches=(100, 2)),
+        "quick": Config(seeds=(0,), steps=300, eval_subset=2000),
+        "full": Config(seeds=(0, 1, 2), steps=1000, eval_subset=10000),
+    }
+
+    def protocol(self, cfg: Config) -> str:
+        return (
+            f"{cfg.model} with norm=bn, BN momentum in {list(cfg.momenta)}, SGD lr {cfg.lr} "
+            f"momentum {cfg.momentum}, batch {cfg.batch_size}, {cfg.steps} steps, seeds "
+            f"{list(cfg.seeds)}; then accuracy on the first {cfg.eval_subset} test images "
+            f"with running statistics and with batch statistics at eval batch sizes "
+            f"{list(cfg.eval_batches)}."
+        )
+
+    def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
+        return [
+            RunSpec({"bn_momentum": m}, seed, TrainConfig(
+                model=cfg.model, norm="bn", dataset=dataset, steps=cfg.steps,
+                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                eval_every=cfg.steps, seed=seed, eval_subset=cfg.eval_subset,
+                norm_kwargs={"momentum": m},
+                model_kwargs=dict(cfg.model_kwargs),
+            ), kind="train+eval-variants",
+                params={"eval_subset": cfg.eval_subset, "eval_batches": list(cfg.eval_batches)})
+            for m in cfg.momenta
+            for seed in cfg.seeds
+        ]
+
+    def execute(self, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
+        from bnlab.train import train
+
+        data = get_data(spec.config.dataset)
+        result = train(spec.config, out_dir=None, progress=progress, data=data)
+        test = data.test
+        n = spec.params["eval_subset"]
+        x, y = test.tensors[0][:n], test.tensors[1][:n]
+        evals = {"running": accuracy(result.model, x, y, 1000, batch_stats=False)}
+        for b in spec.params["eval_batches"]:
+            evals[f"batch_{b}"] = accuracy(result.model, x, y, b, batch_stats=True)
+        write_run_files(run_dir, result.metrics, result.summary, {"eval_variants": evals})
+
+    def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
+        table = []
+        for m in cfg.momenta:
+            rs = select(results, bn_momentum=m)
+            cols = {"running_stats": fmt_ms([r.summary["eval_variants"]["running"] for r in rs])}
+            for b in cfg.eval_batches:
+                cols[f"batch_stats_{b}"] = fmt_ms(
+                    [r.summary["eval_variants"][f"batch_{b}"] for r in rs])
+            table.append(table_row({"bn_momentum": m}, **cols, seeds=len(rs)))
+        small = f"batch_{min(cfg.eval_batches)}"
+        rs = select(results, bn_momentum=0.1)
+        diffs = [100 * (r.summary["eval_variants"]["running"] - r.summary["eval_variants"][small])
+                 for r in rs]
+        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        headline = (
+            f"Momentum 0.1: running statistics "
+            f"{fmt_ms([r.summary['eval_variants']['running'] for r in rs])} vs batch statistics "
+            f"of {min(cfg.eval_batches)} images "
+            f"{fmt_ms([r.summary['eval_variants'][small] for r in rs])} ({d:+.1f} ± {se:.1f} "
+            f"points)."
+        )
+        return Analysis(verdict, headline, {
+            "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,
+            "smallest_eval_batch": min(cfg.eval_batches), "seeds": len(diffs),
+        }, table)
+
+    def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
+        from bnlab.experiments.plots import _pyplot, save
+
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        variants = ["running", *(f"batch_{b}" for b in cfg.eval_batches)]
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            ys = []
+            for m in cfg.momenta:
+                rs = select(results, bn_momentum=m)
+                ys.append(100 * sum(r.summary["eval_variants"][v] for r in rs) / len(rs))
+            label = "running stats" if v == "running" else f"batch stats, {v[6:]} per batch"
+            ax.bar([j + (i - (len(variants) - 1) / 2) * width for j in range(len(ys))], ys,
+                   width, label=label)
+        ax.set_xticks(range(len(cfg.momenta)), [f"momentum {m}" for m in cfg.momenta])
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{cfg.model}: eval with running vs batch statistics")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        return [save(fig, out_dir / "train_eval.png")]
+
+
+def accuracy(model: Any, x: Any, y: Any, batch: int, *, batch_stats: bool) -> float:
+    """Accuracy of ``model`` on ``(x, y)`` in eval mode; with ``batch_stats`` the BN layers of
+    a throwaway copy are put in train mode with momentum 0, so each batch is normalised with
+    its own statistics and no running statistic changes (dropout stays off)."""
+    import torch
+    from torch import nn
+
+    net = copy.deepcopy(model)
+    net.eval()
+    if batch_stats:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+                m.momentum = 0.0
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch]
+            if batch_stats and len(xb) < 2:
+                xb = x[i - 1:i + 1]  # a leftover single image is normalised with its neighbour
+                correct += int((net(xb).argmax(1)[-1:] == y[i:i + 1]).sum())
+                continue
+            correct += int((net(xb).argmax(1) == y[i:i + batch]).sum())
+    return correct / len(x)
+
+
+EXPERIMENT = TrainEval()

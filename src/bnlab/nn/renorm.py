@@ -1,0 +1,172 @@
+"""Batch Renormalization (Ioffe 2017) for inputs of any rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from bnlab.nn._base import RANKS, GuardedBatchNorm, rank_doc
+
+_DOC = """Batch Renormalization over a {shape} input (Ioffe 2017, arXiv:1702.03275).
+
+    Training (statistics over every axis except C; μ_B, σ_B² the biased batch statistics)::
+
+        σ_B = sqrt(σ_B² + eps)            σ = sqrt(running_var + eps)
+        r   = clip(σ_B / σ,               1/r_max_t, r_max_t)     (detached: no gradient)
+        d   = clip((μ_B − running_mean)/σ, −d_max_t, d_max_t)      (detached: no gradient)
+        y   = γ · ((x − μ_B)/σ_B · r + d) + β
+
+    Eval: ``y = γ · (x − running_mean)/sqrt(running_var + eps) + β``, exactly BatchNorm.
+
+    Running statistics follow torch's convention ``new = (1 − momentum)·old +
+    momentum·batch`` with the *unbiased* batch variance (the paper averages σ; storing the
+    variance keeps torch's state-dict keys, so a ``nn.BatchNorm{dim}d`` checkpoint loads
+    directly, and back). ``momentum=None`` is a cumulative average.
+
+    Warm-up, linear in the step counter ``t`` (training forwards taken so far, clamped in
+    place at ``warmup_steps`` so it never passes it)::
+
+        f = min(t, warmup_steps) / warmup_steps      (f = 1 when warmup_steps == 0)
+        r_max_t = 1 + (r_max − 1)·f                  d_max_t = d_max·f
+
+    so the first step is plain BatchNorm (r = 1, d = 0) and the limits are fully open after
+    ``warmup_steps`` steps. The counter is the non-persistent buffer ``warmup_step``; loading
+    a state dict sets it to ``min(num_batches_tracked, warmup_steps)`` (the two advance
+    together), so the keys stay exactly torch's. With ``r_max=1, d_max=0`` the layer *is*
+    BatchNorm: forward, backward and running statistics.
+
+    Numerics: the normalisation itself runs in torch's BatchNorm kernel with the per-channel
+    affine ``γ·r`` and ``γ·d + β``; μ_B and σ_B² for r, d and the running update come from a
+    separate statistics pass without gradient. r and d are detached as in the paper: the
+    gradient treats them as constants.
+
+    Args:
+        num_features: C.
+        eps: added to variances (default 1e-5).
+        momentum: running-stat momentum (default 0.1), ``None`` for a cumulative average.
+        affine: learnable γ, β (default True).
+        r_max: final upper clip of r, ≥ 1 (default 3.0).
+        d_max: final clip of |d|, ≥ 0 (default 5.0).
+        warmup_steps: training steps of the linear warm-up (default 5000).
+        small_batch: ``"error"`` (default) or ``"skip"``: see :mod:`bnlab.nn`.
+        skip_nonfinite: skip the running update on a non-finite batch (default True).
+
+    Shape: input and output {shape}.
+
+    Example::
+
+        >>> import torch
+        >>> from bnlab.nn import {name}
+        >>> m = {name}(4, r_max=3.0, d_max=5.0, warmup_steps=100)
+        >>> y = m(torch.randn(*{example}))
+    """
+
+_EXAMPLES = {1: "(8, 4)", 2: "(8, 4, 5, 5)", 3: "(8, 4, 2, 5, 5)"}
+
+
+class _BatchRenorm(GuardedBatchNorm):
+    warmup_step: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        *,
+        small_batch: str = "error",
+        skip_nonfinite: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, True, small_batch=small_batch,
+            skip_nonfinite=skip_nonfinite, device=device, dtype=dtype,
+        )
+        if not r_max >= 1.0:
+            raise ValueError(f"r_max must be >= 1, got {r_max!r}")
+        if not d_max >= 0.0:
+            raise ValueError(f"d_max must be >= 0, got {d_max!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) \
+                or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.warmup_steps = warmup_steps
+        self.register_buffer(
+            "warmup_step", torch.tensor(0, dtype=torch.long, device=device), persistent=False
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
+            f"warmup_steps={self.warmup_steps}"
+        )
+
+    def current_limits(self) -> tuple[float, float]:
+        """(r_max_t, d_max_t) that the next training step will use."""
+        if self.warmup_steps == 0:
+            frac = 1.0
+        else:
+            frac = min(int(self.warmup_step), self.warmup_steps) / self.warmup_steps
+        return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        nbt = state_dict.get(prefix + "num_batches_tracked")
+        if nbt is not None:
+            with torch.no_grad():
+                self.warmup_step.fill_(min(int(nbt), self.warmup_steps))
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        count = x.numel() // self.num_features
+        if self._small_batch(x, count):
+            return self._eval_forward(x)
+        rm, rv = self.running_mean, self.running_var
+        if rm is None or rv is None:  # pragma: no cover - the constructor always tracks
+            raise RuntimeError("BatchRenorm needs running statistics")
+        with torch.no_grad():
+            # One fused pass for the per-channel mean and biased variance (torch's BN stats
+            # kernel; no running buffers given, so it updates nothing).
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            sigma = torch.sqrt(rv + self.eps)
+            r_lim, d_lim = self.current_limits()
+            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, 1.0 / r_lim, r_lim).to(x.dtype)
+            d = torch.clamp((mean - rm) / sigma, -d_lim, d_lim).to(x.dtype)
+        # γ((x − μ_B)/σ_B · r + d) + β is BatchNorm with weight γ·r and bias γ·d + β.
+        if self.weight is not None and self.bias is not None:
+            weight, bias = self.weight * r, torch.addcmul(self.bias, self.weight, d)
+        else:
+            weight, bias = r, d
+        out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if self._update_running(mean, var * (count / (count - 1))):
+            self.warmup_step.add_(1).clamp_(max=self.warmup_steps)
+        return out
+
+
+def _doc(dim: int) -> str:
+    return rank_doc(_DOC, dim, f"BatchRenorm{dim}d", example=_EXAMPLES[dim])
+
+
+class BatchRenorm1d(_BatchRenorm):
+    __doc__ = _doc(1)
+    _ranks, _shape_text = RANKS[1]
+
+
+class BatchRenorm2d(_BatchRenorm):
+    __doc__ = _doc(2)
+    _ranks, _shape_text = RANKS[2]
+
+
+class BatchRenorm3d(_BatchRenorm):
+    __doc__ = _doc(3)
+    _ranks, _shape_text = RANKS[3]
+
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]

@@ -1,0 +1,214 @@
+"""Find batch-norm layers in a model and convert them between kinds, keeping their state.
+
+"Batch norm" here means torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, and bnlab's
+``BatchRenorm*``, ``GhostBatchNorm*``, ``FrozenBatchNorm*`` and ``SyncBatchNorm``.
+The state carried over is torch's: ``weight``, ``bias``, ``running_mean``, ``running_var``,
+``num_batches_tracked``, plus ``eps``, ``momentum`` and ``affine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnlab.nn._base import GuardedBatchNorm
+from bnlab.nn.frozen import FROZEN, _FrozenBatchNorm
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, _GhostBatchNorm
+from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm
+
+KINDS = ("bn", "renorm", "ghost", "frozen", "sync")
+
+_TORCH_BN: dict[int, type[nn.Module]] = {
+    1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d,
+}
+_BY_KIND: dict[str, dict[int, type[nn.Module]]] = {
+    "bn": _TORCH_BN,
+    "renorm": {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
+    "ghost": {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d},
+    "frozen": dict(FROZEN),
+}
+# Rank-agnostic classes, for a source layer whose rank is unknown (a SyncBatchNorm).
+_ANY_RANK: dict[str, type[nn.Module]] = {
+    "renorm": _BatchRenorm, "ghost": _GhostBatchNorm, "frozen": _FrozenBatchNorm,
+}
+
+
+def _is_bnlab_sync(module: nn.Module) -> bool:
+    return type(module).__module__ == "bnlab.nn.sync" and hasattr(module, "running_mean")
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for torch's and bnlab's batch-norm layers (not GroupNorm/LayerNorm/InstanceNorm)."""
+    return isinstance(
+        module, (nn.modules.batchnorm._BatchNorm, GuardedBatchNorm, _FrozenBatchNorm)
+    ) or _is_bnlab_sync(module)
+
+
+def batchnorm_dim(module: nn.Module) -> int | None:
+    """1, 2 or 3 for a rank-specific BN class; None for rank-agnostic ones (SyncBatchNorm)."""
+    for dim in (1, 2, 3):
+        if isinstance(module, _TORCH_BN[dim]) and not isinstance(module, nn.SyncBatchNorm):
+            return dim
+    ranks = getattr(module, "_ranks", None)
+    if ranks:
+        return {(2, 3): 1, (4,): 2, (5,): 3}.get(tuple(ranks))
+    return None
+
+
+def batchnorm_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, module) of every batch-norm layer, each module once."""
+    for name, module in model.named_modules():
+        if is_batchnorm(module):
+            yield name, module
+
+
+def name_bn_layers(model: nn.Module) -> nn.Module:
+    """Give every bnlab BN layer its qualified name for warnings (``layer.layer_name``)."""
+    for name, module in batchnorm_layers(model):
+        if isinstance(module, GuardedBatchNorm):
+            module.layer_name = name or type(module).__name__
+    return model
+
+
+def _carry_state(old: Any, new: nn.Module) -> None:
+    """Copy weight, bias, running stats and the batch counter from ``old`` into ``new``."""
+    with torch.no_grad():
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            src = getattr(old, key, None)
+            dst = getattr(new, key, None)
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+    if isinstance(new, _BatchRenorm) and old.num_batches_tracked is not None:
+        with torch.no_grad():
+            new.warmup_step.fill_(min(int(old.num_batches_tracked), new.warmup_steps))
+    new.train(old.training)
+
+
+def _tensor_like(module: nn.Module) -> dict[str, Any]:
+    for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        if t.is_floating_point():
+            return {"device": t.device, "dtype": t.dtype}
+    return {}
+
+
+def convert_layer(module: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
+    """A new ``kind`` layer (not ``"sync"``) with ``module``'s configuration and state."""
+    if kind not in _BY_KIND:
+        raise ValueError(f"kind must be one of {sorted(_BY_KIND)}, got {kind!r}")
+    if not is_batchnorm(module):
+        raise TypeError(f"expected a batch-norm layer, got {type(module).__name__}")
+    dim = batchnorm_dim(module)
+    cls = _BY_KIND[kind].get(dim) if dim is not None else _ANY_RANK.get(kind)
+    if cls is None:
+        raise ValueError(
+            f"cannot convert {type(module).__name__} (rank-agnostic) to {kind!r}: pick a "
+            "rank-specific source layer"
+        )
+    tracks = getattr(module, "running_mean", None) is not None
+    if kind == "frozen" and not tracks:
+        raise ValueError(
+            f"{type(module).__name__} has no running statistics (track_running_stats=False); "
+            "there is nothing to freeze"
+        )
+    options: dict[str, Any] = {
+        "eps": module.eps, "affine": module.affine, "momentum": getattr(module, "momentum", 0.1),
+    }
+    if kind in ("bn", "ghost"):
+        options["track_running_stats"] = tracks
+    options.update(_tensor_like(module))
+    options.update(kwargs)
+    new = cls(module.num_features, **options)
+    _carry_state(module, new)
+    return new
+
+
+def _replace_where(model: nn.Module, pick: Any, make: Any) -> nn.Module:
+    """Replace every submodule ``m`` with ``pick(m)`` by ``make(m)``; returns the new root."""
+    if pick(model):
+        return make(model)
+    done: dict[int, nn.Module] = {}  # a module registered twice is converted once
+    for parent in list(model.modules()):
+        # _modules, not named_children(): the latter skips a child registered twice.
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and pick(child):
+                if id(child) not in done:
+                    done[id(child)] = make(child)
+                setattr(parent, child_name, done[id(child)])
+    return model
+
+
+def replace_norm(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
+    """Convert every batch-norm layer of ``model`` to ``kind``, in place, keeping its state.
+
+    ``kind``: ``"bn"`` (torch's BatchNorm1d/2d/3d), ``"renorm"`` (:class:`BatchRenorm2d` …),
+    ``"ghost"`` (:class:`GhostBatchNorm2d` …, needs ``virtual_batch_size=``), ``"frozen"``
+    (:class:`FrozenBatchNorm2d` …) or ``"sync"`` (``bnlab.nn.SyncBatchNorm`` via
+    ``bnlab.nn.sync.convert_sync_batchnorm``; kwargs go to it, e.g. ``process_group``).
+    ``kwargs`` go to each new layer's constructor (``r_max=``, ``small_batch=`` …). Weight,
+    bias, running statistics, ``num_batches_tracked``, eps, momentum, affine and the train/
+    eval mode are carried over. Returns the model (a new module if ``model`` itself is a BN
+    layer). bnlab's layers get their qualified name for warnings.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from bnlab.nn import replace_norm
+        >>> net = replace_norm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), "renorm")
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if kind == "sync":
+        from bnlab.nn.sync import convert_sync_batchnorm
+
+        # convert_sync_batchnorm converts torch's BatchNorm only: bring bnlab's layers there
+        # first (every BN becomes synchronised; renorm/ghost/frozen behaviour is dropped).
+        plain = _replace_where(
+            model,
+            lambda m: is_batchnorm(m) and batchnorm_dim(m) is not None
+            and not isinstance(m, nn.modules.batchnorm._BatchNorm),
+            lambda m: convert_layer(m, "bn"),
+        )
+        return name_bn_layers(convert_sync_batchnorm(plain, **kwargs))
+    if kind == "ghost" and "virtual_batch_size" not in kwargs:
+        raise ValueError("replace_norm(model, 'ghost', ...) needs virtual_batch_size=<int>")
+    model = _replace_where(model, is_batchnorm, lambda m: convert_layer(m, kind, **kwargs))
+    return name_bn_layers(model)
+
+
+def freeze_bn(model: nn.Module) -> nn.Module:
+    """Replace every batch-norm layer by a :class:`FrozenBatchNorm2d` (etc.), in place.
+
+    The frozen layers compute ``y = (x − running_mean)/sqrt(running_var + eps)·weight +
+    bias`` in train and eval mode alike and hold no parameters. Returns the model (a new
+    module if ``model`` itself is a BN layer). A layer without running statistics raises
+    ``ValueError``.
+    """
+    return replace_norm(model, "frozen")
+
+
+def unfreeze_bn(model: nn.Module) -> nn.Module:
+    """Turn every frozen BN layer back into torch's ``BatchNorm1d/2d/3d``, in place.
+
+    Weight and bias become trainable parameters again; running statistics, eps, affine,
+    ``num_batches_tracked`` and the momentum recorded when it was frozen are kept.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return _replace_where(
+        model, lambda m: isinstance(m, _FrozenBatchNorm), lambda m: convert_layer(m, "bn")
+    )
+
+
+__all__ = [
+    "batchnorm_layers",
+    "freeze_bn",
+    "is_batchnorm",
+    "name_bn_layers",
+    "replace_norm",
+    "unfreeze_bn",
+]

@@ -1,0 +1,332 @@
+"""SyncBatchNorm: batch norm whose statistics span every process of a torch.distributed group.
+
+``torch.nn.SyncBatchNorm`` only accepts CUDA/XPU tensors: its statistics kernels
+(``batch_norm_stats``, ``batch_norm_gather_stats_with_counts``) have no CPU version. This one
+is written with plain tensor ops and torch.distributed collectives, so it runs wherever
+torch.distributed does: gloo on CPU, nccl on GPU.
+
+Training forward, with ``R`` ranks, rank ``r`` holding ``n_r`` values per channel (batch
+times spatial size; ``n_r = 0`` for an empty batch) and ``n = Σ_r n_r``::
+
+    local:   μ_r = mean(x_r),  M2_r = Σ (x_r − μ_r)²                 (two-pass)
+    merge:   μ  = Σ_r n_r μ_r / n                                    (float64,
+             M2 = Σ_r M2_r + Σ_r n_r (μ_r − μ)²                       Chan et al., exact)
+    y = (x − μ) / sqrt(M2/n + eps) · γ + β
+    running_mean ← (1 − m)·running_mean + m·μ
+    running_var  ← (1 − m)·running_var  + m·M2/(n − 1)             (unbiased)
+
+``momentum=None`` makes ``m = 1/num_batches_tracked`` (a cumulative average), as in torch.
+Eval mode uses the running statistics and never communicates. The result is the same as
+``torch.nn.BatchNorm*`` applied to the concatenation of every rank's batch.
+
+Communication: forward does ONE ``all_gather`` of the packed ``(n_r, μ_r, M2_r)`` (2C + 1
+float64 values per rank); backward does ONE ``all_reduce`` of the packed ``(Σ dy, Σ dy·x̂)``
+(2C float64 values). A rank with an empty batch still joins both collectives (contributing
+``n_r = 0``), so nobody waits for it forever. Parameter gradients stay local: DDP (or the
+caller) reduces them like any other parameter gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    """Every axis except the channel axis 1."""
+    return [0, *range(2, x.dim())]
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-channel vector (C,) to broadcast against x (N, C, *spatial)."""
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _active_group(process_group: Any) -> Any | None:
+    """The group to synchronise over, or None when there is nobody to talk to.
+
+    None when torch.distributed is unavailable or uninitialised, or the group has one
+    member (or this rank is not a member): then the layer is plain batch norm.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the per-rank reductions: the input's, float32 for float16/bfloat16."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _global_stats(x: Tensor, group: Any | None) -> tuple[Tensor, Tensor, int]:
+    """Per-channel mean and M2 (centred sum of squares) over all ranks, and the count n.
+
+    Numerics: each rank computes its mean and M2 two-pass (centre first, then square: no
+    E[x²] − E[x]² cancellation) in the input's dtype (float32 for half types); torch's CPU
+    sums are cascaded, so their error grows like log n, not n. The per-rank results are then
+    merged with Chan et al.'s parallel formula in float64. The merge is exact algebra for any
+    split, including uneven and empty batches, so the result equals the statistics of the
+    concatenated batch up to rounding.
+    """
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    if count > 0:
+        xa = x.detach().to(_acc_dtype(x))
+        dims = _reduce_dims(x)
+        mean_local = xa.mean(dim=dims)
+        centred = xa - _channel_view(mean_local, x)
+        mean = mean_local.to(torch.float64)
+        m2 = (centred * centred).sum(dim=dims).to(torch.float64)
+    else:  # an empty batch: contributes n_r = 0 (its μ_r, M2_r are multiplied away)
+        mean = m2 = torch.zeros(channels, dtype=torch.float64, device=x.device)
+    packed = torch.cat([mean.new_full((1,), float(count)), mean, m2])
+    if group is None:
+        table = packed.unsqueeze(0)
+    else:
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, packed, group=group)
+        table = torch.stack(gathered)
+    counts, means, m2s = table[:, :1], table[:, 1 : channels + 1], table[:, channels + 1 :]
+    n = round(float(counts.sum()))
+    if n == 0:
+        return means[0], m2s[0], 0
+    g_mean = (counts * means).sum(0) / n
+    g_m2 = m2s.sum(0) + (counts * (means - g_mean) ** 2).sum(0)
+    return g_mean, g_m2, n
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Normalise with given global statistics; backward all-reduces the two sums dx needs.
+
+    With x̂ = (x − μ)·invstd and n the global count, the input gradient is::
+
+        dx = γ·invstd · (dy − Σ_all dy / n − x̂ · Σ_all (dy·x̂) / n)
+
+    where Σ_all sums over every rank's batch (one all_reduce). dγ = Σ_local dy·x̂ and
+    dβ = Σ_local dy are returned per rank.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        count: int,
+        group: Any | None,
+    ) -> Tensor:
+        scale = invstd if weight is None else invstd * weight.to(torch.float64)
+        # (x − μ)·scale + β rather than x·scale + (β − μ·scale): subtracting first keeps
+        # full precision when |μ| is large against the standard deviation.
+        y = (x - _channel_view(mean.to(x.dtype), x)) * _channel_view(scale.to(x.dtype), x)
+        if bias is not None:
+            y = y + _channel_view(bias.to(x.dtype), x)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count, ctx.group = count, group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
+        (dy,) = grad_outputs
+        x, weight, mean, invstd = ctx.saved_tensors
+        dims = _reduce_dims(x)
+        acc = _acc_dtype(x)
+        centred = x.to(acc) - _channel_view(mean.to(acc), x)
+        dy_acc = dy.to(acc)
+        # Local per-channel sums in the input's dtype (cascaded sums, as in _global_stats),
+        # carried to float64 for the all_reduce; an empty local batch gives exact zeros.
+        sum_dy = dy_acc.sum(dim=dims).to(torch.float64)
+        sum_dy_xhat = (dy_acc * centred).sum(dim=dims).to(torch.float64) * invstd
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if needs_w and weight is not None:
+            grad_w = sum_dy_xhat.to(weight.dtype)
+        if needs_b and ctx.bias_dtype is not None:
+            grad_b = sum_dy.to(ctx.bias_dtype)
+        if needs_x:
+            total = torch.cat([sum_dy, sum_dy_xhat])
+            if ctx.group is not None:
+                dist.all_reduce(total, group=ctx.group)
+            channels = x.shape[1]
+            mean_dy = total[:channels] / ctx.count
+            # x̂ · mean(dy·x̂) = (x − μ) · invstd · mean(dy·x̂): one per-channel factor
+            coef = invstd * total[channels:] / ctx.count
+            k = invstd if weight is None else invstd * weight.to(torch.float64)
+            grad = dy_acc - _channel_view(mean_dy.to(acc), x)
+            grad.addcmul_(centred, _channel_view(coef.to(acc), x), value=-1.0)
+            grad_x = grad.mul_(_channel_view(k.to(acc), x)).to(x.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch norm over the concatenation of every rank's batch (any input rank ≥ 2).
+
+    Channels are on axis 1: (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W). The math is
+    in this module's docstring (:mod:`bnlab.nn.sync`); in short, training mode normalises
+    with the biased variance of the global batch and feeds the unbiased one to
+    ``running_var``, exactly as ``torch.nn.BatchNorm*`` on the concatenated batch.
+
+    Args:
+        num_features: C.
+        eps: added to the variance before the square root. Default 1e-5.
+        momentum: running-statistics momentum (PyTorch's convention,
+            ``new = (1 − m)·old + m·batch``); ``None`` = cumulative average. Default 0.1.
+        affine: learnable γ (``weight``) and β (``bias``). Default True.
+        track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``.
+            Without them, eval mode normalises with the local batch (no communication).
+        process_group: the group to synchronise over; ``None`` = the default (WORLD) group.
+            With no initialised process group, or a group of one, this is plain batch norm.
+
+    State-dict keys are torch's BatchNorm keys (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``), so checkpoints move freely between the two.
+    Global count 1 per channel in training raises torch's "Expected more than 1 value per
+    channel" ``ValueError``; a global count of 0 (every rank empty) returns the empty
+    output and leaves the running statistics unchanged, like torch.
+
+    Example::
+
+        >>> import torch
+        >>> from bnlab.nn import SyncBatchNorm
+        >>> bn = SyncBatchNorm(3)   # no process group: plain batch norm
+        >>> bn(torch.randn(4, 3, 5, 5)).shape
+        torch.Size([4, 3, 5, 5])
+
+    Ioffe & Szegedy, "Batch Normalization", ICML 2015; Chan, Golub & LeVeque, "Updating
+    formulae and a pairwise algorithm for computing sample variances", 1979.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        *,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"SyncBatchNorm expects input of shape (N, C, *) with at least 2 dimensions, "
+                f"got {input.dim()}D input of shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"SyncBatchNorm expects {self.num_features} channels on axis 1, got input of "
+                f"shape {tuple(input.shape)}"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not use_batch_stats:  # eval with running statistics: local, no communication
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                self.eps,
+            )
+        # Only training synchronises; eval without running stats uses the local batch,
+        # as torch.nn.SyncBatchNorm does.
+        group = _active_group(self.process_group) if self.training else None
+        with torch.no_grad():
+            mean, m2, count = _global_stats(input, group)
+        if count == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{input.size()} (1 value per channel over all ranks together)"
+            )
+        if count == 0:
+            # Every rank is empty: nothing to normalise and nothing to learn from.
+            return input * 0.0
+        rm, rv = self.running_mean, self.running_var
+        if self.training and self.track_running_stats and rm is not None and rv is not None:
+            with torch.no_grad():
+                rm.copy_((1.0 - factor) * rm.to(torch.float64) + factor * mean)
+                rv.copy_((1.0 - factor) * rv.to(torch.float64) + factor * (m2 / (count - 1)))
+        invstd = torch.rsqrt(m2 / count + self.eps)
+        out: Tensor = _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, mean, invstd, count, group
+        )
+        return out
+
+
+# Exactly these classes are converted. Subclasses with their own forward (Batch Renorm,
+# Ghost BN, frozen BN, lazy modules) are left as they are: their statistics are not the
+# plain batch statistics that this layer synchronises.
+_CONVERTIBLE: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -> nn.Module:
+    """Replace every plain batch-norm layer in ``model`` by :class:`SyncBatchNorm`.
+
+    Converted: modules whose exact class is ``torch.nn.BatchNorm1d/2d/3d`` or
+    ``torch.nn.SyncBatchNorm``. Not converted (left untouched): bnlab's Batch Renorm, Ghost
+    BN and frozen BN (their statistics are per virtual batch, corrected, or fixed, so
+    synchronising plain batch statistics would change what they compute; a frozen layer
+    stays frozen), lazy BN modules, and any other subclass.
+
+    The new layer *shares* the old one's parameter and buffer tensors (so an optimizer
+    built before the conversion still updates the right tensors) and keeps ``eps``,
+    ``momentum``, ``requires_grad`` and train/eval mode. Hooks registered on the old
+    module are not carried over. Children are replaced in place; a layer that occurs
+    several times in the model is converted once and stays shared. Returns the model, or
+    the new layer when ``model`` itself is a batch-norm layer.
+    """
+    return _convert(model, process_group, {})
+
+
+def _convert(module: nn.Module, process_group: Any | None, memo: dict[int, nn.Module]) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    if type(module) in _CONVERTIBLE:
+        bn: Any = module
+        new = SyncBatchNorm(
+            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+            process_group,
+        )
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                new.register_parameter(name, getattr(bn, name))
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                new.register_buffer(name, getattr(bn, name))
+        new.train(bn.training)
+        memo[id(module)] = new
+        return new
+    memo[id(module)] = module
+    # _modules, not named_children(): the latter skips a child seen under another name,
+    # which would leave the second reference to a shared layer unconverted.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        converted = _convert(child, process_group, memo)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

@@ -1,0 +1,280 @@
+"""The lab runner on a fake experiment (no training): resumable, lossless, parallel,
+never mixing results, and clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from bnlab.errors import BnlabError
+from bnlab.experiments import runner
+from bnlab.experiments.base import (
+    Analysis,
+    Experiment,
+    RunResult,
+    RunSpec,
+    compare,
+    write_run_files,
+)
+from bnlab.experiments.report import write_report
+from bnlab.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...]
+    sleep_s: float = 0.0
+
+
+class Fake(Experiment):
+    """Each run 'trains' instantly: accuracy = 0.9 + lr / 10; it logs every execution."""
+
+    name = "fake"
+    claim = "Higher learning rates give higher accuracy."
+    seeds = "none"
+    rule = "supported if acc(lr max) - acc(lr min) >= 1 point beyond 2 SE."
+    profiles: ClassVar[dict[str, FakeConfig]] = {
+        "smoke": FakeConfig(seeds=(0, 1), lrs=(0.1, 0.5)),
+        "quick": FakeConfig(seeds=(0, 1, 2), lrs=(0.1, 0.5)),
+        "full": FakeConfig(seeds=(0, 1, 2), lrs=(0.1, 0.3, 0.5)),
+    }
+    warm_up = False
+    log: Path = Path("unset")
+    fail_lr: float | None = None
+
+    def protocol(self, cfg: FakeConfig) -> str:
+        return f"lrs {list(cfg.lrs)}, seeds {list(cfg.seeds)}"
+
+    def runs(self, cfg: FakeConfig, dataset: str) -> list[RunSpec]:
+        return [RunSpec({"lr": lr}, s, TrainConfig(dataset=dataset, lr=lr, seed=s),
+                        kind="fake", params={"sleep_s": cfg.sleep_s})
+                for lr in cfg.lrs for s in cfg.seeds]
+
+    def execute(self, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
+        t0 = time.time()
+        time.sleep(spec.params["sleep_s"])
+        if spec.config.lr == self.fail_lr:
+            raise RuntimeError("boom")
+        with open(self.log, "a") as fh:
+            fh.write(json.dumps({"dir": run_dir.name, "start": t0, "end": time.time(),
+                                 "threads": spec.config.threads}) + "\n")
+        acc = 0.9 + spec.config.lr / 10 + 0.001 * spec.seed
+        metrics = [{"step": 1, "test_acc": acc / 2}, {"step": 2, "test_acc": acc}]
+        write_run_files(run_dir, metrics, {"test_acc": acc, "diverged": False,
+                                           "wall_time_s": 0.01})
+
+    def analyse(self, cfg: FakeConfig, results: list[RunResult]) -> Analysis:
+        lo = [r for r in results if r.spec.group["lr"] == min(cfg.lrs)]
+        hi = [r for r in results if r.spec.group["lr"] == max(cfg.lrs)]
+        diffs = [100 * (h.summary["test_acc"] - low.summary["test_acc"])
+                 for h, low in zip(sorted(hi, key=lambda r: r.spec.seed),
+                                   sorted(lo, key=lambda r: r.spec.seed), strict=True)]
+        verdict, d, se = compare(diffs, 1.0)
+        return Analysis(verdict, f"{d:+.2f} points", {"diff_pp": d, "se_pp": se},
+                        [{"lr": lr, "n": len([r for r in results if r.spec.group["lr"] == lr])}
+                         for lr in cfg.lrs])
+
+    def plot(self, cfg: FakeConfig, results: list[RunResult], out_dir: Path) -> list[str]:
+        from bnlab.experiments.plots import curves_plot
+
+        return [curves_plot(out_dir / "fake.png", {"all": results}, "fake")]
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fake:
+    exp = Fake()
+    exp.log = tmp_path / "executions.jsonl"
+    monkeypatch.setattr(runner, "experiment_names", lambda: ["fake"])
+    monkeypatch.setattr(runner, "get_experiment", lambda name: exp)
+    monkeypatch.setattr("bnlab.experiments.report.experiment_names", lambda: ["fake"])
+    return exp
+
+
+def executions(exp: Fake) -> list[dict[str, Any]]:
+    if not exp.log.exists():
+        return []
+    return [json.loads(line) for line in exp.log.read_text().splitlines()]
+
+
+def lab(out: Path, **kw: Any) -> list[runner.ExperimentOutcome]:
+    kw.setdefault("profile", "smoke")
+    return runner.run_lab(["fake"], out=out, dataset="digits", progress=False, **kw)
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return sorted((out / "fake" / "runs").iterdir())
+
+
+def test_run_writes_results_and_rerun_skips_completed(fake: Fake, tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    [outcome] = lab(out)
+    assert outcome.verdict == "supported" and outcome.runs_done == 4
+    assert len(executions(fake)) == 4
+    result = json.loads((out / "fake" / "result.json").read_text())
+    assert result["verdict"] == "supported" and result["profile"] == "smoke"
+    assert result["effect"]["diff_pp"] == pytest.approx(4.0)
+    assert result["rule"] == Fake.rule and result["plots"] == ["fake.png"]
+    assert (out / "fake" / "fake.csv").read_text().splitlines()[0] == "lr,n"
+    assert len(run_dirs(out)) == 4
+    for d in run_dirs(out):
+        assert json.loads((d / "config.json").read_text())["run_id"] == d.name
+    lab(out)
+    assert len(executions(fake)) == 4  # nothing redone
+    again = json.loads((out / "fake" / "result.json").read_text())
+    assert again["elapsed_s"] == result["elapsed_s"]  # the time of the invocation that ran
+
+
+def test_run_folder_without_summary_is_redone_from_scratch(fake: Fake, tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    lab(out)
+    victim = run_dirs(out)[1]
+    (victim / "summary.json").unlink()  # what a SIGKILL mid-run leaves
+    (victim / "leftover.tmp").write_text("half-written")
+    lab(out)
+    redone = executions(fake)[4:]
+    assert [e["dir"] for e in redone] == [victim.name]
+    assert not (victim / "leftover.tmp").exists()
+    assert (victim / "summary.json").is_file()
+
+
+def test_corrupted_result_file_is_named_and_that_run_rerun(
+    fake: Fake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "lab"
+    lab(out)
+    victim = run_dirs(out)[2]
+    (victim / "summary.json").write_text('{"test_acc": 0.9')  # truncated JSON
+    lab(out)
+    err = capsys.readouterr().err
+    assert f"corrupted result file {victim / 'summary.json'}" in err
+    assert [e["dir"] for e in executions(fake)[4:]] == [victim.name]
+
+
+def test_other_profile_in_out_is_refused_unless_force(fake: Fake, tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    lab(out)
+    with pytest.raises(BnlabError, match=r"profile: 'smoke' there, 'quick' now.*--force"):
+        lab(out, profile="quick")
+    assert len(executions(fake)) == 4
+    lab(out, profile="quick", force=True)
+    assert len(run_dirs(out)) == 6  # the smoke runs are gone, not mixed in
+    assert json.loads((out / "lab.json").read_text())["profile"] == "quick"
+
+
+def test_changed_config_is_refused_unless_force(
+    fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "lab"
+    lab(out)
+    monkeypatch.setitem(Fake.profiles, "smoke", FakeConfig(seeds=(0, 1), lrs=(0.1, 0.7)))
+    with pytest.raises(BnlabError, match="fake results of a different configuration"):
+        lab(out)
+    lab(out, force=True)
+    assert len(run_dirs(out)) == 4
+    assert json.loads((out / "fake" / "result.json").read_text())["config"]["lrs"] == [0.1, 0.7]
+
+
+def test_other_bnlab_version_is_refused(fake: Fake, tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    lab(out)
+    manifest = json.loads((out / "lab.json").read_text())
+    (out / "lab.json").write_text(json.dumps({**manifest, "bnlab_version": "0.0.1"}))
+    with pytest.raises(BnlabError, match=r"bnlab_version: '0\.0\.1' there"):
+        lab(out)
+
+
+def test_non_lab_folder_is_refused(fake: Fake, tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(BnlabError, match="holds no bnlab lab results"):
+        lab(out)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_jobs_run_in_parallel_with_threads_split(fake: Fake, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(Fake.profiles, "smoke", FakeConfig(seeds=(0, 1), lrs=(0.1, 0.5),
+                                                           sleep_s=0.4))
+    monkeypatch.setattr(runner, "available_cores", lambda: 4)
+    lab(tmp_path / "lab", jobs=2)
+    ex = sorted(executions(fake), key=lambda e: e["start"])
+    assert len(ex) == 4
+    assert all(e["threads"] == 2 for e in ex)  # 2 jobs × 2 threads <= 4 cores
+    overlaps = sum(a["end"] > b["start"] for a, b in itertools.pairwise(ex))
+    assert overlaps >= 1
+    assert runner.threads_per_run(3) == 1
+
+
+def test_runs_execute_in_child_processes(fake: Fake, tmp_path: Path) -> None:
+    pids: list[int] = []
+    original = Fake.execute
+
+    def execute(self: Fake, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
+        with open(tmp_path / "pids", "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        original(self, spec, run_dir, progress)
+
+    fake.execute = execute.__get__(fake)  # type: ignore[method-assign]
+    lab(tmp_path / "lab")
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(set(pids)) == 4 and os.getpid() not in pids
+
+
+def test_failed_run_is_reported_with_its_error_file(fake: Fake, tmp_path: Path) -> None:
+    fake.fail_lr = 0.5
+    out = tmp_path / "lab"
+    with pytest.raises(BnlabError, match=r"2 run\(s\) failed; see error\.txt"):
+        lab(out)
+    errors = sorted(out.glob("fake/runs/*/error.txt"))
+    assert len(errors) == 2 and "RuntimeError: boom" in errors[0].read_text()
+    assert not (out / "fake" / "result.json").exists()
+    fake.fail_lr = None
+    [outcome] = lab(out)  # the two failed runs are redone, the others kept
+    assert outcome.verdict == "supported" and len(executions(fake)) == 4
+
+
+def test_unknown_experiment_lists_the_valid_ones(fake: Fake, tmp_path: Path) -> None:
+    with pytest.raises(BnlabError, match="unknown experiment 'nope'; expected one of: fake"):
+        runner.run_lab(["nope"], out=tmp_path, progress=False)
+    with pytest.raises(BnlabError, match="unknown profile 'huge'"):
+        runner.run_lab(["fake"], out=tmp_path, profile="huge", progress=False)
+    with pytest.raises(BnlabError, match="unknown dataset 'cifar'; expected one of: mnist"):
+        runner.run_lab(["fake"], out=tmp_path, dataset="cifar", progress=False)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_report_md_and_self_contained_html(fake: Fake, tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    lab(out)
+    md, page = write_report(out)
+    text = md.read_text()
+    assert "| Higher learning rates give higher accuracy. | [`fake`](#fake) | **supported**" in text
+    assert "![fake: fake.png](fake/fake.png)" in text and Fake.rule in text
+    html = page.read_text()
+    assert html.count("src='data:image/png;base64,") == 1
+    assert "http://" not in html and "https://" not in html
+    # --out copies what the report needs, not the per-run files
+    md2, _ = write_report(out, tmp_path / "docs")
+    assert (tmp_path / "docs" / "fake" / "fake.png").is_file()
+    assert not (tmp_path / "docs" / "fake" / "runs").exists()
+    assert md2.read_text() == text
+
+
+def test_report_errors(fake: Fake, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BnlabError, match="no experiment results in"):
+        write_report(tmp_path / "empty")
+    out = tmp_path / "lab"
+    lab(out)
+    (out / "fake" / "result.json").write_text("{not json")
+    with pytest.raises(BnlabError, match=f"corrupted result file {out / 'fake' / 'result.json'}"):
+        write_report(out)

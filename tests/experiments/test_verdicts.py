@@ -1,0 +1,175 @@
+"""The verdict rules on synthetic results: each rule says what its docstring says, before
+any real run. Also run identity (the hash) and the shared statistics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from bnlab.experiments import base, get_experiment
+from bnlab.experiments.base import RunResult, RunSpec, compare, mean_std
+from bnlab.experiments.covariate_shift import drift
+from bnlab.train import TrainConfig
+
+
+def results_for(name: str, outcome: Any, profile: str = "full") -> list[RunResult]:
+    """Results for every planned run of ``name``: ``outcome(spec) -> (summary, metrics)``."""
+    exp = get_experiment(name)
+    out = []
+    for spec in exp.runs(exp.config(profile), "mnist"):
+        summary, metrics = outcome(spec)
+        out.append(RunResult(spec, spec.run_id(name), summary, metrics))
+    return out
+
+
+def curve(final: float, steps: int = 5) -> list[dict[str, Any]]:
+    return [{"step": 100 * (i + 1), "test_acc": final * (i + 1) / steps} for i in range(steps)]
+
+
+@pytest.mark.parametrize(
+    ("diffs", "expected"),
+    [
+        ([2.0, 2.2, 1.9], "supported"),
+        ([0.1, -0.2, 0.05], "not supported"),
+        ([-3.0, -2.5, -3.2], "not supported"),  # the other way round
+        ([5.0, -4.0, 3.0], "inconclusive"),  # the spread straddles the threshold
+        ([1.5], "supported"),  # one seed: no spread, the seed decides
+        ([], "inconclusive"),
+    ],
+)
+def test_compare(diffs: list[float], expected: str) -> None:
+    verdict, d, se = compare(diffs, 1.0)
+    assert verdict == expected
+    if diffs:
+        m, s, n = mean_std(diffs)
+        assert d == pytest.approx(m) and se == pytest.approx(s / math.sqrt(n))
+
+
+def test_mean_std_matches_statistics_module() -> None:
+    import statistics
+
+    xs = [0.1, 0.4, 0.35, 0.2]
+    m, s, n = mean_std(xs)
+    assert (m, s, n) == (pytest.approx(statistics.mean(xs)), pytest.approx(statistics.stdev(xs)), 4)
+    assert mean_std([3.0]) == (3.0, 0.0, 1)
+
+
+def test_convergence_rule() -> None:
+    def bn_faster(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        final = 0.99 if spec.group["norm"] == "bn" else 0.9 + 0.001 * spec.seed
+        return {"test_acc": final}, curve(final)
+
+    exp = get_experiment("convergence")
+    a = exp.analyse(exp.config("full"), results_for("convergence", bn_faster))
+    assert a.verdict == "supported"
+    assert a.effect["curve_diff_pp"] == pytest.approx(100 * (0.99 - 0.901) * 3 / 5)
+    assert a.effect["steps_to_97_bn"] == 500 and math.isinf(a.effect["steps_to_97_none"])
+
+    def same(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return {"test_acc": 0.98}, curve(0.98 + 0.001 * spec.seed)
+
+    assert exp.analyse(exp.config("full"), results_for("convergence", same)).verdict == (
+        "not supported"
+    )
+
+
+@pytest.mark.parametrize(
+    ("bn_max", "none_max", "expected"),
+    [(1.0, 0.1, "supported"), (0.1, 0.1, "not supported"), (0.03, 0.3, "not supported"),
+     (None, None, "inconclusive"), (0.3, None, "supported")],
+)
+def test_lr_tolerance_rule(bn_max: float | None, none_max: float | None, expected: str) -> None:
+    top = {"bn": bn_max, "none": none_max}
+
+    def outcome(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        limit = top[spec.group["norm"]]
+        good = limit is not None and spec.group["lr"] <= limit
+        return {"test_acc": 0.98 if good else 0.5, "diverged": not good}, curve(0.98)
+
+    exp = get_experiment("lr-tolerance")
+    a = exp.analyse(exp.config("full"), results_for("lr-tolerance", outcome))
+    assert a.verdict == expected
+    assert a.effect["max_good_lr_bn"] == bn_max and a.effect["max_good_lr_none"] == none_max
+
+
+def test_init_sensitivity_counts_diverged_runs_as_chance() -> None:
+    def outcome(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if spec.group["norm"] == "none" and spec.group["init_scale"] == 10.0:
+            return {"test_acc": float("nan"), "diverged": True}, []
+        return {"test_acc": 0.98}, curve(0.98)
+
+    exp = get_experiment("init-sensitivity")
+    a = exp.analyse(exp.config("full"), results_for("init-sensitivity", outcome))
+    assert a.verdict == "supported"
+    assert a.effect["range_none_pp"] == pytest.approx(88.0)
+    assert a.effect["range_bn_pp"] == pytest.approx(0.0)
+
+
+def test_batch_size_rule() -> None:
+    def outcome(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        acc = 0.97
+        if spec.group["norm"] in ("bn", "renorm", "ghost") and spec.group["batch"] == 2:
+            acc = 0.6
+        return {"test_acc": acc}, curve(acc)
+
+    exp = get_experiment("batch-size")
+    a = exp.analyse(exp.config("full"), results_for("batch-size", outcome))
+    assert a.verdict == "supported"
+    assert a.effect["gap_growth_pp"] == pytest.approx(37.0)
+
+
+def test_train_eval_rule() -> None:
+    def outcome(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        variants = {"running": 0.98, "batch_1000": 0.98, "batch_32": 0.97, "batch_8": 0.9,
+                    "batch_2": 0.4}
+        return {"test_acc": 0.98, "eval_variants": variants}, curve(0.98)
+
+    exp = get_experiment("train-eval")
+    a = exp.analyse(exp.config("full"), results_for("train-eval", outcome))
+    assert a.verdict == "supported" and a.effect["diff_pp"] == pytest.approx(58.0)
+
+
+def test_covariate_shift_drift_is_scale_free() -> None:
+    def run(scale: float, moves: list[float]) -> RunResult:
+        spec = RunSpec({"norm": "bn", "backend": "torch"}, 0, TrainConfig())
+        metrics = [{"step": 0, "p15": 9.0, "p50": 9.0, "p85": 9.0}]  # init: ignored
+        for i, m in enumerate(moves):
+            metrics.append({"step": 100 * (i + 1), "p15": scale * (m - 1), "p50": scale * m,
+                            "p85": scale * (m + 1)})
+        return RunResult(spec, "x", {"test_acc": 0.9}, metrics)
+
+    assert drift(run(1.0, [0.0, 0.0, 0.0])) == 0.0
+    assert drift(run(1.0, [0.0, 1.0, 2.0])) == pytest.approx(1.0 / 2.0)
+    assert drift(run(10.0, [0.0, 1.0, 2.0])) == pytest.approx(drift(run(1.0, [0.0, 1.0, 2.0])))
+
+
+def test_run_id_covers_the_config_and_version_but_not_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = RunSpec({"norm": "bn"}, 0, TrainConfig(lr=0.1))
+    rid = spec.run_id("convergence")
+    assert len(rid) == 16 and rid == spec.run_id("convergence")
+    assert replace(spec, config=replace(spec.config, threads=7)).run_id("convergence") == rid
+    assert replace(spec, config=replace(spec.config, lr=0.2)).run_id("convergence") != rid
+    assert replace(spec, seed=1).run_id("convergence") != rid
+    assert spec.run_id("depth") != rid
+    monkeypatch.setattr(base, "__version__", "9.9.9")
+    assert spec.run_id("convergence") != rid
+
+
+def test_every_experiment_plans_distinct_runs_and_states_its_rule() -> None:
+    from bnlab.experiments import experiment_names
+
+    for name in experiment_names():
+        exp = get_experiment(name)
+        assert exp.rule and exp.claim and exp.seeds
+        for profile in ("smoke", "quick", "full"):
+            runs = exp.runs(exp.config(profile), "mnist")
+            assert len({r.run_id(name) for r in runs}) == len(runs)
+            if profile == "full":
+                assert len({r.seed for r in runs}) >= 3, name
+        with pytest.raises(ValueError, match="unknown profile"):
+            exp.config("huge")

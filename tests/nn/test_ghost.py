@@ -1,0 +1,135 @@
+"""GhostBatchNorm1d/2d/3d: identities with torch's BatchNorm (float64, 1e-10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from bnlab.nn import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnlab.nn.ghost import ghost_chunks
+
+TOL = {"atol": 1e-10, "rtol": 1e-10}
+
+CASES = [
+    (GhostBatchNorm1d, nn.BatchNorm1d, (3,), "1d-NC"),
+    (GhostBatchNorm1d, nn.BatchNorm1d, (3, 4), "1d-NCL"),
+    (GhostBatchNorm2d, nn.BatchNorm2d, (3, 4, 5), "2d"),
+    (GhostBatchNorm3d, nn.BatchNorm3d, (3, 2, 3, 4), "3d"),
+]
+IDS = [c[3] for c in CASES]
+
+
+def _pair(ours, theirs, v, **kw):
+    b = theirs(3, **kw).double()
+    with torch.no_grad():
+        if b.affine:
+            b.weight.uniform_(0.5, 2.0)
+            b.bias.uniform_(-1.0, 1.0)
+    a = ours(3, v, **kw).double()
+    a.load_state_dict(b.state_dict())  # torch's checkpoint, strict
+    return a, b
+
+
+def _grads(y, params, g):
+    return torch.autograd.grad(y, params, g)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "tail"), [c[:3] for c in CASES], ids=IDS)
+@pytest.mark.parametrize("virtual", [8, 100])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_ghost_with_virtual_at_least_n_is_batchnorm(ours, theirs, tail, virtual, momentum):
+    torch.manual_seed(0)
+    a, b = _pair(ours, theirs, virtual, momentum=momentum)
+    for step in range(3):
+        x = (torch.randn(8, *tail, dtype=torch.float64) * 2 + step).requires_grad_()
+        g = torch.randn_like(x)
+        ya, yb = a(x), b(x)
+        torch.testing.assert_close(ya, yb, **TOL)
+        for u, v in zip(_grads(ya, [x, a.weight, a.bias], g), _grads(yb, [x, b.weight, b.bias], g),
+                        strict=True):
+            torch.testing.assert_close(u, v, **TOL)
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(a, key), getattr(b, key), **TOL)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "tail"), [c[:3] for c in CASES], ids=IDS)
+@pytest.mark.parametrize(("n", "virtual"), [(12, 4), (12, 3), (12, 2), (13, 4), (14, 4)])
+def test_ghost_is_batchnorm_applied_to_each_chunk(ours, theirs, tail, n, virtual):
+    torch.manual_seed(1)
+    a, b = _pair(ours, theirs, virtual)
+    x = (torch.randn(n, *tail, dtype=torch.float64) * 3 + 1).requires_grad_()
+    g = torch.randn_like(x)
+    k, last = ghost_chunks(n, virtual)
+    sizes = [virtual] * k + ([last] if last else [])
+    assert sum(sizes) == n and min(sizes) >= 2
+    ref = torch.cat([
+        F.batch_norm(c, None, None, b.weight, b.bias, True, 0.0, b.eps)
+        for c in torch.split(x, sizes)
+    ])
+    ya = a(x)
+    torch.testing.assert_close(ya, ref, **TOL)
+    for u, v in zip(_grads(ya, [x, a.weight, a.bias], g), _grads(ref, [x, b.weight, b.bias], g),
+                    strict=True):
+        torch.testing.assert_close(u, v, **TOL)
+    # Running statistics: the whole batch's mean and unbiased variance, as BN records them.
+    b(x)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), **TOL)
+
+
+def test_chunking_rule_merges_a_leftover_of_one_into_the_previous_chunk():
+    assert ghost_chunks(12, 4) == (3, 0)  # 4, 4, 4
+    assert ghost_chunks(13, 4) == (2, 5)  # 4, 4, 5: the single leftover joins the last chunk
+    assert ghost_chunks(5, 4) == (0, 5)  # 5: one chunk
+    assert ghost_chunks(14, 4) == (3, 2)  # 4, 4, 4, 2
+    assert ghost_chunks(3, 4) == (1, 0)  # V >= N: the whole batch
+
+
+def test_leftover_chunk_of_one_trains_without_error():
+    m = GhostBatchNorm1d(3, 4)
+    y = m(torch.randn(9, 3))  # 4, 5
+    assert torch.isfinite(y).all()
+
+
+class _CountCalls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunks_are_vectorised_not_looped():
+    m = GhostBatchNorm2d(4, 2)
+    x = torch.randn(65, 4, 3, 3)  # 31 chunks of 2 and one of 3
+    with _CountCalls() as counter:
+        m(x)
+    # Two vectorised groups (31 chunks of 2, one of 3): two kernel calls, not 32.
+    assert counter.calls.get("native_batch_norm", 0) == 2
+
+
+@pytest.mark.parametrize("n", [1, 5, 13, 64])
+def test_eval_is_plain_running_stat_batchnorm_for_any_batch_size(n):
+    torch.manual_seed(2)
+    a, b = _pair(GhostBatchNorm2d, nn.BatchNorm2d, 4)
+    for _ in range(3):
+        x = torch.randn(16, 3, 4, 4, dtype=torch.float64) * 2 + 1
+        a(x), b(x)
+    a.eval(), b.eval()
+    x = torch.randn(n, 3, 4, 4, dtype=torch.float64)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    torch.testing.assert_close(a(x), b(x), **TOL)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, before[k])  # eval never changes state
+
+
+def test_bad_virtual_batch_size_raises():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="virtual_batch_size"):
+            GhostBatchNorm2d(3, bad)

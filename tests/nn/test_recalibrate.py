@@ -1,0 +1,96 @@
+"""recalibrate_bn: exact population statistics, split-invariant, state restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.nn import FrozenBatchNorm1d, GhostBatchNorm1d, recalibrate_bn
+
+TOL = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 4),
+        GhostBatchNorm1d(4, 8, momentum=0.3), nn.Tanh(), nn.Linear(4, 3), FrozenBatchNorm1d(3),
+    ).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[8].running_mean.fill_(0.25)
+    return model
+
+
+def _population_stats(model, data):
+    """Reference: the whole data in one eval-mode pass, statistics of each BN input."""
+    seen = {}
+    hooks = [model[i].register_forward_pre_hook(
+        lambda mod, args, i=i: seen.__setitem__(i, args[0].detach())) for i in (1, 5)]
+    model.eval()
+    with torch.no_grad():
+        model(data)
+    for h in hooks:
+        h.remove()
+    return {i: (x.mean(0), x.var(0, unbiased=True)) for i, x in seen.items()}
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 7, 64])
+def test_recalibration_gives_population_stats_for_any_split(batch_size):
+    data = torch.randn(84, 5, dtype=torch.float64) * 3 + 1
+    model = _model()
+    expected = _population_stats(_model(), data)
+    frozen_before = model[8].running_mean.clone()
+    model.train()
+    batches = [(x, torch.zeros(len(x))) for x in torch.split(data, batch_size)]
+    assert recalibrate_bn(model, batches, progress=False) is model
+    for i, (mean, var) in expected.items():
+        torch.testing.assert_close(model[i].running_mean, mean, **TOL)
+        torch.testing.assert_close(model[i].running_var, var, **TOL)
+    assert torch.equal(model[8].running_mean, frozen_before)  # frozen layers are left alone
+    assert all(m.training for m in model.modules())  # modes restored
+    assert model[5].momentum == 0.3 and model[1].momentum == 0.1
+
+
+def test_num_batches_limits_the_data():
+    data = torch.randn(40, 5, dtype=torch.float64)
+    model = _model()
+    expected = _population_stats(_model(), data[:20])
+    recalibrate_bn(model, iter(torch.split(data, 10)), num_batches=2, progress=False)
+    torch.testing.assert_close(model[1].running_mean, expected[1][0], **TOL)
+
+
+def test_loader_that_raises_restores_everything_and_changes_no_stats():
+    model = _model()
+    model.train()
+    model[4].eval()  # a mix of modes must come back exactly
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loader():
+        yield torch.randn(4, 5, dtype=torch.float64)
+        yield torch.randn(4, 5, dtype=torch.float64)
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        recalibrate_bn(model, loader(), progress=False)
+    assert [m.training for m in model.modules()] == modes
+    assert model[1].momentum == 0.1 and model[5].momentum == 0.3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert not model[1]._forward_pre_hooks and not model[5]._forward_pre_hooks
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="no batch-norm layer"):
+        recalibrate_bn(nn.Linear(2, 2), [torch.randn(3, 2)], progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_bn(_model(), [], progress=False)
+    with pytest.raises(TypeError, match="input tensor"):
+        recalibrate_bn(_model(), [{"x": 1}], progress=False)
+    with pytest.raises(ValueError, match="num_batches"):
+        recalibrate_bn(_model(), [torch.randn(3, 5)], num_batches=0, progress=False)
+    with pytest.raises(ValueError, match="at least 2"):
+        recalibrate_bn(_model(), [torch.randn(1, 5, dtype=torch.float64)], progress=False)

@@ -1,0 +1,128 @@
+"""`bnlab train | eval | models | demo` from the command line: results and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnlab.cli import main
+
+FAST = ["--dataset", "digits", "--steps", "6", "--eval-every", "3", "--threads", "1"]
+
+
+def run_cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A real `python -m bnlab` process: exit code, stdout, stderr as a user sees them."""
+    full_env = {**os.environ, "BNLAB_MIRRORS": "http://127.0.0.1:9/", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bnlab", *argv], capture_output=True,
+                          text=True, env=full_env, timeout=120)
+
+
+def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--out", str(out), "--model-arg", "dropout=0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "wall time" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["model_kwargs"] == {"dropout": 0.1}
+    assert main(["eval", str(out / "model.safetensors")]) == 0
+    line = capsys.readouterr().out
+    assert f"test accuracy {100 * summary['test_acc']:.2f} %" in line
+
+
+def test_models_lists_param_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "seed_cnn" in text and "422,090" in text and "paper_mlp" in text
+
+
+def _corrupt_data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data" / "mnist"
+    d.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (d / name).write_bytes(gzip.compress(b"\x00\x00\x08\x01" + bytes(4)))
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("case", [
+    "unknown-model", "unknown-norm", "unknown-dataset", "unknown-optimizer", "zero-steps",
+    "negative-lr", "zero-batch", "out-not-empty", "out-under-file", "offline",
+    "corrupt-data", "bad-checkpoint", "steps-and-epochs",
+])
+def test_bad_input_exit_2_no_traceback(tmp_path: Path, case: str,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = tmp_path / "out"
+    argv, expect = {
+        "unknown-model": (["train", *FAST, "--model", "vgg"], "seed_cnn"),
+        "unknown-norm": (["train", *FAST, "--norm", "zz"], "none, bn"),
+        "unknown-dataset": (["train", "--dataset", "svhn"], "mnist, fashion-mnist, digits"),
+        "unknown-optimizer": (["train", *FAST, "--optimizer", "rmsprop"], "sgd, adam"),
+        "zero-steps": (["train", "--steps", "0"], "positive"),
+        "negative-lr": (["train", "--lr", "-1"], "positive"),
+        "zero-batch": (["train", "--batch-size", "0"], "positive"),
+        "out-not-empty": (["train", *FAST, "--out", str(full)], "not empty"),
+        "out-under-file": (["train", *FAST, "--out", str(afile / "x")], "is a file"),
+        "offline": (["train", "--data-dir", str(tmp_path / "none"), "--out", str(out)],
+                    "looked in"),
+        "corrupt-data": (["train", "--data-dir", str(_corrupt_data_dir(tmp_path)),
+                          "--out", str(out)], "SHA-256 mismatch"),
+        "bad-checkpoint": (["eval", str(afile)], "not a safetensors file"),
+        "steps-and-epochs": (["train", "--steps", "3", "--epochs", "1"], "not allowed"),
+    }[case]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("BNLAB_MIRRORS", "http://127.0.0.1:9/")
+    monkeypatch.delenv("BNLAB_DATA_DIR", raising=False)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expect in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "cache" / "bnlab" / "mnist" / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_offline_in_a_real_process(tmp_path: Path) -> None:
+    """What a user sees: one clear message on stderr, exit 2, no traceback."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "BNLAB_DATA_DIR": ""}
+    proc = run_cli("train", "--out", str(tmp_path / "o"), env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("bnlab train: error: mnist not found")
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "o").exists()
+
+
+def test_divergence_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", *FAST, "--norm", "none", "--lr", "10000", "--out",
+                 str(tmp_path / "r")]) == 0
+    assert "DIVERGED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["diverged"] is True
+
+
+def test_worker_argv_round_trips() -> None:
+    from bnlab.cli import _train_worker_argv, build_parser
+
+    argv = ["train", "--model", "deep_mlp", "--model-arg", "depth=3", "--norm-arg",
+            "momentum=0.01", "--sync-bn", "--nproc", "2", "--lr", "0.1", "--epochs", "1.5",
+            "--dist-timeout", "7"]
+    args = build_parser().parse_args(argv)
+    again = build_parser().parse_args(_train_worker_argv(args))
+    assert "--nproc" not in _train_worker_argv(args)
+    for key, value in vars(args).items():
+        if key not in ("nproc", "_handler"):
+            assert getattr(again, key) == value, key
