@@ -137,17 +137,20 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                         "incomplete batch)")
     p.add_argument("--batch-size", type=_positive_int, default=64,
                    help="global batch size (split over --nproc workers)")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=1000)
+    p.add_argument("--eval-batch-size", type=_positive_int, default=1000,
+                   help="batch size for evaluation (no effect on results)")
     p.add_argument("--optimizer", default="sgd", help="sgd or adam")
-    p.add_argument("--lr", type=_positive_float, default=0.01)
+    p.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate")
     p.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
+                   help="L2 weight decay added to the gradient (torch.optim convention)")
     p.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every K steps")
     p.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
                    help="evaluate on the first N test images only")
     p.add_argument("--eval-train", action="store_true",
                    help="also report accuracy on the training split at each evaluation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for init, batch order and dropout (same seed + threads: same run)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--init-scale", type=_positive_float, default=1.0,
@@ -222,7 +225,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a model.safetensors written by 'bnlab train'")
     p.add_argument("--dataset", default=None, help="default: the dataset it was trained on")
     _add_data_args(p)
-    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--batch-size", type=_positive_int, default=1000,
+                   help="evaluation batch size (no effect on the result)")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -254,7 +258,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     _add_data_args(p)
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="steps per run (default: 300 on 28x28 data, 400 on digits)")
-    p.add_argument("--eval-every", type=_positive_int, default=None)
+    p.add_argument("--eval-every", type=_positive_int, default=None,
+                   help="evaluate every K steps (default: a tenth of the steps)")
     p.add_argument("--eval-subset", type=_positive_int, default=1000, metavar="N",
                    help="evaluate on the first N test images")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -280,10 +285,10 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     sub.required = True
     sub.add_parser("list", help="list the experiments and the claims they test")
     run = sub.add_parser("run", help="run the named experiments",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=_HelpFormatter)
     run.add_argument("names", nargs="+", metavar="NAME", help="experiments to run (see list)")
     every = sub.add_parser("all", help="run every experiment",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
     for q in (run, every):
         q.add_argument("--profile", choices=("smoke", "quick", "full"), default="quick",
                        help="smoke: seconds (pipeline check); quick: minutes; full: >= 3 seeds")
@@ -338,7 +343,8 @@ def _add_recalibrate(p: argparse.ArgumentParser) -> None:
     _add_data_args(p)
     p.add_argument("--num-batches", type=_positive_int, default=None,
                    help="use the first N batches (default: the whole training split)")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="batch size for the statistics pass (the result does not depend on it)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="where to write (default: CHECKPOINT with .recalibrated.safetensors)")
 
@@ -463,6 +469,18 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
 ]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once, and only where it says something (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == [] \
+                or default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnlab",
@@ -477,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=description,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         add_arguments(p)
         p.set_defaults(_handler=handler)

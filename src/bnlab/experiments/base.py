@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -162,6 +162,23 @@ def get_data(dataset: str) -> Any:
     return _PRELOADED[dataset]
 
 
+# The settings a sweep's config gives every run unless the run sets its own (train_config).
+SHARED_SETTINGS = ("model", "steps", "batch_size", "lr", "momentum", "eval_subset")
+
+
+def train_config(cfg: Any, dataset: str, seed: int, **run: Any) -> TrainConfig:
+    """The training config of one run of an experiment with config ``cfg``.
+
+    ``run`` holds what the run sets itself (``norm``, ``eval_every``, the swept value …).
+    Every :data:`SHARED_SETTINGS` the run does not set, and a copy of ``model_kwargs``,
+    come from ``cfg``.
+    """
+    shared = {k: getattr(cfg, k) for k in SHARED_SETTINGS if k not in run}
+    if "model_kwargs" not in run:
+        shared["model_kwargs"] = dict(cfg.model_kwargs)
+    return TrainConfig(dataset=dataset, seed=seed, **shared, **run)
+
+
 def write_run_files(run_dir: Path, metrics: Sequence[dict[str, Any]], summary: dict[str, Any],
                     extra: dict[str, Any] | None = None) -> None:
     """Write ``metrics.jsonl`` then ``summary.json`` (last: its presence = run complete)."""
@@ -241,6 +258,13 @@ def steps_to(result: RunResult, threshold: float) -> float:
     return math.inf
 
 
+def paired_diffs_pp(claimed: Sequence[RunResult], other: Sequence[RunResult],
+                    metric: Callable[[RunResult], float] = final_acc) -> list[float]:
+    """Per seed, ``metric`` of the ``claimed`` run minus the ``other`` run, in percentage
+    points; both lists sorted by seed, as :func:`select` returns them."""
+    return [100 * (metric(a) - metric(b)) for a, b in zip(claimed, other, strict=True)]
+
+
 def select(results: Iterable[RunResult], **group: Any) -> list[RunResult]:
     """The results whose group contains every ``key=value`` given, sorted by seed."""
     chosen = [r for r in results if all(r.spec.group.get(k) == v for k, v in group.items())]
@@ -264,3 +288,11 @@ def fmt_ms(values: Sequence[float], scale: float = 100.0, unit: str = " %") -> s
 
 def table_row(group: dict[str, Any], **cols: Any) -> dict[str, Any]:
     return {**{k: ("None" if v is None else v) for k, v in group.items()}, **cols}
+
+
+def acc_row(group: dict[str, Any], runs: Sequence[RunResult], **cols: Any) -> dict[str, Any]:
+    """The table row of ``group``: final accuracy (mean ± std), ``cols``, the number of
+    diverged runs and of seeds."""
+    return table_row(group, final_acc=fmt_ms([final_acc(r) for r in runs]), **cols,
+                     diverged=sum(bool(r.summary.get("diverged")) for r in runs),
+                     seeds=len(runs))

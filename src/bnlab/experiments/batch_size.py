@@ -17,14 +17,14 @@ from bnlab.experiments.base import (
     Experiment,
     RunResult,
     RunSpec,
+    acc_row,
     compare,
     eval_set_text,
     final_acc,
     fmt_ms,
     select,
-    table_row,
+    train_config,
 )
-from bnlab.train import TrainConfig
 
 BATCHES = (2, 4, 8, 16, 32, 128)
 BASE_NORMS = ("bn", "gn", "ln")
@@ -84,24 +84,16 @@ class BatchSize(Experiment):
             for b in cfg.batches:
                 steps = max(1, cfg.samples // b)
                 for seed in cfg.seeds:
-                    out.append(RunSpec({"norm": norm, "batch": b}, seed, TrainConfig(
-                        model=cfg.model, norm=norm, dataset=dataset, steps=steps,
-                        batch_size=b, lr=cfg.lr, momentum=cfg.momentum, eval_every=steps,
-                        seed=seed, eval_subset=cfg.eval_subset,
-                model_kwargs=dict(cfg.model_kwargs),
+                    out.append(RunSpec({"norm": norm, "batch": b}, seed, train_config(
+                        cfg, dataset, seed, norm=norm, steps=steps, batch_size=b,
+                        eval_every=steps,
                     )))
         return out
 
     def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
         norms = list(dict.fromkeys(r.spec.group["norm"] for r in results))
-        table = []
-        for norm in norms:
-            for b in cfg.batches:
-                rs = select(results, norm=norm, batch=b)
-                table.append(table_row(
-                    {"norm": norm, "batch": b}, final_acc=fmt_ms([final_acc(r) for r in rs]),
-                    diverged=sum(bool(r.summary.get("diverged")) for r in rs), seeds=len(rs),
-                ))
+        table = [acc_row({"norm": norm, "batch": b}, select(results, norm=norm, batch=b))
+                 for norm in norms for b in cfg.batches]
 
         def gap(b: int, seed: int) -> float:
             def acc(n: str) -> float:

@@ -25,11 +25,12 @@ from bnlab.experiments.base import (
     final_acc,
     fmt_ms,
     mean_std,
+    paired_diffs_pp,
     select,
     steps_to,
     table_row,
+    train_config,
 )
-from bnlab.train import TrainConfig
 
 THRESHOLD_PP = 1.0  # BN's curve must lie at least 1 percentage point higher on average
 TARGETS = (0.97, 0.98, 0.99)
@@ -75,12 +76,8 @@ class Convergence(Experiment):
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
         return [
-            RunSpec({"norm": norm}, seed, TrainConfig(
-                model=cfg.model, norm=norm, dataset=dataset, steps=cfg.steps,
-                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                eval_every=cfg.eval_every, seed=seed, eval_subset=cfg.eval_subset,
-                model_kwargs=dict(cfg.model_kwargs),
-            ))
+            RunSpec({"norm": norm}, seed,
+                    train_config(cfg, dataset, seed, norm=norm, eval_every=cfg.eval_every))
             for norm in ("none", "bn")
             for seed in cfg.seeds
         ]
@@ -100,7 +97,7 @@ class Convergence(Experiment):
                 row[f"steps_to_{100 * t:g}"] = "never" if math.isinf(m) else f"{m:.0f}"
             table.append(row)
         bn, none = select(results, norm="bn"), select(results, norm="none")
-        diffs = [100 * (auc(b) - auc(n)) for b, n in zip(bn, none, strict=True)]
+        diffs = paired_diffs_pp(bn, none, auc)
         verdict, d, se = compare(diffs, THRESHOLD_PP)
         s97 = {n: mean_std(steps_to(r, TARGETS[0]) for r in select(results, norm=n))[0]
                for n in ("bn", "none")}

@@ -17,13 +17,14 @@ from bnlab.experiments.base import (
     Experiment,
     RunResult,
     RunSpec,
+    acc_row,
     compare,
     final_acc,
     fmt_ms,
     get_data,
     mean_std,
+    paired_diffs_pp,
     select,
-    table_row,
     write_run_files,
 )
 from bnlab.train import TrainConfig
@@ -94,16 +95,12 @@ class Depth(Experiment):
         for norm in ("none", "bn"):
             for depth in cfg.depths:
                 rs = select(results, norm=norm, depth=depth)
-                table.append(table_row(
-                    {"norm": norm, "depth": depth},
-                    final_acc=fmt_ms([final_acc(r) for r in rs]),
-                    grad_norm_init=_sci([r.summary["grad_norm_init"] for r in rs]),
-                    diverged=sum(bool(r.summary.get("diverged")) for r in rs), seeds=len(rs),
-                ))
+                grad = _sci([r.summary["grad_norm_init"] for r in rs])
+                table.append(acc_row({"norm": norm, "depth": depth}, rs, grad_norm_init=grad))
         deepest = max(cfg.depths)
         bn = select(results, norm="bn", depth=deepest)
         none = select(results, norm="none", depth=deepest)
-        diffs = [100 * (final_acc(b) - final_acc(n)) for b, n in zip(bn, none, strict=True)]
+        diffs = paired_diffs_pp(bn, none)
         verdict, d, se = compare(diffs, THRESHOLD_PP)
         headline = (
             f"At depth {deepest}: BN {fmt_ms([final_acc(r) for r in bn])} vs no BN "

@@ -18,14 +18,14 @@ from bnlab.experiments.base import (
     Experiment,
     RunResult,
     RunSpec,
+    acc_row,
     compare,
     eval_set_text,
     final_acc,
     fmt_ms,
     select,
-    table_row,
+    train_config,
 )
-from bnlab.train import TrainConfig
 
 SCALES = (0.01, 0.1, 1.0, 10.0)
 THRESHOLD_PP = 5.0
@@ -71,12 +71,8 @@ class InitSensitivity(Experiment):
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
         return [
-            RunSpec({"norm": norm, "init_scale": s}, seed, TrainConfig(
-                model=cfg.model, norm=norm, dataset=dataset, steps=cfg.steps,
-                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                eval_every=cfg.steps, seed=seed, init_scale=s,
-                eval_subset=cfg.eval_subset,
-                model_kwargs=dict(cfg.model_kwargs),
+            RunSpec({"norm": norm, "init_scale": s}, seed, train_config(
+                cfg, dataset, seed, norm=norm, eval_every=cfg.steps, init_scale=s,
             ))
             for norm in ("none", "bn")
             for s in cfg.scales
@@ -89,15 +85,8 @@ class InitSensitivity(Experiment):
         return max(accs) - min(accs)
 
     def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
-        table = []
-        for norm in ("none", "bn"):
-            for s in cfg.scales:
-                rs = select(results, norm=norm, init_scale=s)
-                table.append(table_row(
-                    {"norm": norm, "init_scale": s},
-                    final_acc=fmt_ms([final_acc(r) for r in rs]),
-                    diverged=sum(bool(r.summary.get("diverged")) for r in rs), seeds=len(rs),
-                ))
+        table = [acc_row({"norm": norm, "init_scale": s}, select(results, norm=norm, init_scale=s))
+                 for norm in ("none", "bn") for s in cfg.scales]
         ranges = {n: [self._range(cfg, results, n, s) for s in cfg.seeds] for n in ("none", "bn")}
         diffs = [100 * (a - b) for a, b in zip(ranges["none"], ranges["bn"], strict=True)]
         verdict, d, se = compare(diffs, THRESHOLD_PP)

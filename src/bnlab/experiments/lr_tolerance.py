@@ -19,13 +19,12 @@ from bnlab.experiments.base import (
     RunResult,
     RunSpec,
     Verdict,
+    acc_row,
     eval_set_text,
     final_acc,
-    fmt_ms,
     select,
-    table_row,
+    train_config,
 )
-from bnlab.train import TrainConfig
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 TARGET = 0.97
@@ -72,12 +71,8 @@ class LrTolerance(Experiment):
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
         return [
-            RunSpec({"norm": norm, "lr": lr}, seed, TrainConfig(
-                model=cfg.model, norm=norm, dataset=dataset, steps=cfg.steps,
-                batch_size=cfg.batch_size, lr=lr, momentum=cfg.momentum,
-                eval_every=cfg.steps, seed=seed, eval_subset=cfg.eval_subset,
-                model_kwargs=dict(cfg.model_kwargs),
-            ))
+            RunSpec({"norm": norm, "lr": lr}, seed,
+                    train_config(cfg, dataset, seed, norm=norm, lr=lr, eval_every=cfg.steps))
             for norm in ("none", "bn")
             for lr in cfg.lrs
             for seed in cfg.seeds
@@ -93,14 +88,8 @@ class LrTolerance(Experiment):
         return good
 
     def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
-        table = []
-        for norm in ("none", "bn"):
-            for lr in cfg.lrs:
-                rs = select(results, norm=norm, lr=lr)
-                table.append(table_row(
-                    {"norm": norm, "lr": lr}, final_acc=fmt_ms([final_acc(r) for r in rs]),
-                    diverged=sum(bool(r.summary.get("diverged")) for r in rs), seeds=len(rs),
-                ))
+        table = [acc_row({"norm": norm, "lr": lr}, select(results, norm=norm, lr=lr))
+                 for norm in ("none", "bn") for lr in cfg.lrs]
         good = {n: self._good(cfg, results, n) for n in ("none", "bn")}
         top = {n: (max(g) if g else None) for n, g in good.items()}
         verdict: Verdict

@@ -21,10 +21,11 @@ from bnlab.experiments.base import (
     eval_set_text,
     final_acc,
     fmt_ms,
+    paired_diffs_pp,
     select,
     table_row,
+    train_config,
 )
-from bnlab.train import TrainConfig
 
 THRESHOLD_PP = 0.3
 PLACEMENTS = ("before", "after")
@@ -69,11 +70,8 @@ class Placement(Experiment):
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
         return [
-            RunSpec({"placement": pl}, seed, TrainConfig(
-                model=cfg.model, norm="bn", placement=pl, dataset=dataset, steps=cfg.steps,
-                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                eval_every=cfg.eval_every, seed=seed, eval_subset=cfg.eval_subset,
-                model_kwargs=dict(cfg.model_kwargs),
+            RunSpec({"placement": pl}, seed, train_config(
+                cfg, dataset, seed, norm="bn", placement=pl, eval_every=cfg.eval_every,
             ))
             for pl in PLACEMENTS
             for seed in cfg.seeds
@@ -87,7 +85,7 @@ class Placement(Experiment):
             for pl in PLACEMENTS
         ]
         before, after = select(results, placement="before"), select(results, placement="after")
-        diffs = [100 * (final_acc(b) - final_acc(a)) for b, a in zip(before, after, strict=True)]
+        diffs = paired_diffs_pp(before, after)
         verdict, d, se = compare(diffs, THRESHOLD_PP)
         headline = (
             f"Final test accuracy: before {fmt_ms([final_acc(r) for r in before])}, after "

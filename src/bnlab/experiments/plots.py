@@ -80,15 +80,20 @@ def sweep_plot(path: Path, xs: Sequence[float], groups: dict[str, list[list[RunR
     std over seeds. ``groups[label][i]`` are the runs at ``xs[i]``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, per_x in groups.items():
+    # Lines that coincide (Ghost BN is BN when the batch fits in one ghost batch) must all
+    # stay visible: each group gets its own marker and dash pattern, drawn over the last.
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", (0, (5, 1)))]
+    for i, (label, per_x) in enumerate(groups.items()):
         pts = [(x, *mean_std(scale * value(r) for r in runs)) for x, runs in zip(xs, per_x,
                                                                                 strict=True)
                if runs]
         if not pts:
             continue
         color = COLORS.get(label.split(" ")[0])
+        marker, dashes = styles[i % len(styles)]
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                    marker="o", capsize=3, label=label, color=color)
+                    marker=marker, linestyle=dashes, markerfacecolor="none", capsize=3,
+                    label=label, color=color)
     if logx:
         ax.set_xscale("log")
     if logy:

@@ -22,10 +22,11 @@ from bnlab.experiments.base import (
     eval_set_text,
     final_acc,
     fmt_ms,
+    paired_diffs_pp,
     select,
     table_row,
+    train_config,
 )
-from bnlab.train import TrainConfig
 
 THRESHOLD_PP = 0.5
 DROPOUTS = (0.0, 0.5)
@@ -87,12 +88,10 @@ class Regularization(Experiment):
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
         return [
-            RunSpec({"norm": norm, "dropout": p}, seed, TrainConfig(
-                model=cfg.model, norm=norm, dataset=dataset, steps=cfg.steps,
-                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                eval_every=max(1, cfg.steps // 2), seed=seed, train_subset=cfg.train_subset,
-                eval_subset=cfg.eval_subset,
-                eval_train=True, model_kwargs={**cfg.model_kwargs, "dropout": p},
+            RunSpec({"norm": norm, "dropout": p}, seed, train_config(
+                cfg, dataset, seed, norm=norm, eval_every=max(1, cfg.steps // 2),
+                train_subset=cfg.train_subset, eval_train=True,
+                model_kwargs={**cfg.model_kwargs, "dropout": p},
             ))
             for norm in ("none", "bn")
             for p in cfg.dropouts
@@ -112,7 +111,7 @@ class Regularization(Experiment):
                 ))
         none = select(results, norm="none", dropout=0.0)
         bn = select(results, norm="bn", dropout=0.0)
-        diffs = [100 * (gap(n) - gap(b)) for n, b in zip(none, bn, strict=True)]
+        diffs = paired_diffs_pp(none, bn, gap)
         verdict, d, se = compare(diffs, THRESHOLD_PP)
         headline = (
             f"Train − test gap without dropout: BN {fmt_ms([gap(r) for r in bn], unit='')} vs "

@@ -25,9 +25,9 @@ from bnlab.experiments.base import (
     get_data,
     select,
     table_row,
+    train_config,
     write_run_files,
 )
-from bnlab.train import TrainConfig
 
 MOMENTA: tuple[float | None, ...] = (0.01, 0.1, 0.5, None)
 EVAL_BATCHES = (1000, 32, 8, 2)
@@ -77,12 +77,8 @@ class TrainEval(Experiment):
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
         return [
-            RunSpec({"bn_momentum": m}, seed, TrainConfig(
-                model=cfg.model, norm="bn", dataset=dataset, steps=cfg.steps,
-                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                eval_every=cfg.steps, seed=seed, eval_subset=cfg.eval_subset,
-                norm_kwargs={"momentum": m},
-                model_kwargs=dict(cfg.model_kwargs),
+            RunSpec({"bn_momentum": m}, seed, train_config(
+                cfg, dataset, seed, norm="bn", eval_every=cfg.steps, norm_kwargs={"momentum": m},
             ), kind="train+eval-variants",
                 params={"eval_subset": cfg.eval_subset, "eval_batches": list(cfg.eval_batches)})
             for m in cfg.momenta

@@ -60,6 +60,14 @@ def is_finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def check_num_features_and_eps(num_features: int, eps: float) -> None:
+    """The constructor checks every bnlab BN module shares: C a positive int, eps > 0."""
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+
+
 class GuardedBatchNorm(nn.Module):
     """Base of ``BatchRenorm*`` and ``GhostBatchNorm*``: torch's BatchNorm state plus guards.
 
@@ -90,11 +98,7 @@ class GuardedBatchNorm(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) \
-                or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        check_num_features_and_eps(num_features, eps)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None (cumulative), got {momentum!r}")
         if small_batch not in SMALL_BATCH_POLICIES:

@@ -7,7 +7,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bnlab.nn._base import RANKS, GuardedBatchNorm, channel_view, rank_doc
+from bnlab.nn._base import (
+    RANKS,
+    GuardedBatchNorm,
+    channel_view,
+    check_num_features_and_eps,
+    rank_doc,
+)
 
 _DOC = """BatchNorm frozen into a fixed affine map over a {shape} input.
 
@@ -64,11 +70,7 @@ class _FrozenBatchNorm(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) \
-                or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        check_num_features_and_eps(num_features, eps)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)

@@ -36,17 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnlab.nn._base import channel_view, reduce_dims
+
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    """Every axis except the channel axis 1."""
-    return [0, *range(2, x.dim())]
-
-
-def _channel_view(t: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-channel vector (C,) to broadcast against x (N, C, *spatial)."""
-    return t.view(1, -1, *([1] * (x.dim() - 2)))
 
 
 def _active_group(process_group: Any) -> Any | None:
@@ -80,9 +72,9 @@ def _global_stats(x: Tensor, group: Any | None) -> tuple[Tensor, Tensor, int]:
     count = x.numel() // channels if channels else 0
     if count > 0:
         xa = x.detach().to(_acc_dtype(x))
-        dims = _reduce_dims(x)
+        dims = reduce_dims(x)
         mean_local = xa.mean(dim=dims)
-        centred = xa - _channel_view(mean_local, x)
+        centred = xa - channel_view(mean_local, x.dim())
         mean = mean_local.to(torch.float64)
         m2 = (centred * centred).sum(dim=dims).to(torch.float64)
     else:  # an empty batch: contributes n_r = 0 (its μ_r, M2_r are multiplied away)
@@ -128,9 +120,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight.to(torch.float64)
         # (x − μ)·scale + β rather than x·scale + (β − μ·scale): subtracting first keeps
         # full precision when |μ| is large against the standard deviation.
-        y = (x - _channel_view(mean.to(x.dtype), x)) * _channel_view(scale.to(x.dtype), x)
+        nd = x.dim()
+        y = (x - channel_view(mean.to(x.dtype), nd)) * channel_view(scale.to(x.dtype), nd)
         if bias is not None:
-            y = y + _channel_view(bias.to(x.dtype), x)
+            y = y + channel_view(bias.to(x.dtype), nd)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count, ctx.group = count, group
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -140,9 +133,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
         (dy,) = grad_outputs
         x, weight, mean, invstd = ctx.saved_tensors
-        dims = _reduce_dims(x)
-        acc = _acc_dtype(x)
-        centred = x.to(acc) - _channel_view(mean.to(acc), x)
+        dims = reduce_dims(x)
+        acc, nd = _acc_dtype(x), x.dim()
+        centred = x.to(acc) - channel_view(mean.to(acc), nd)
         dy_acc = dy.to(acc)
         # Local per-channel sums in the input's dtype (cascaded sums, as in _global_stats),
         # carried to float64 for the all_reduce; an empty local batch gives exact zeros.
@@ -163,9 +156,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # x̂ · mean(dy·x̂) = (x − μ) · invstd · mean(dy·x̂): one per-channel factor
             coef = invstd * total[channels:] / ctx.count
             k = invstd if weight is None else invstd * weight.to(torch.float64)
-            grad = dy_acc - _channel_view(mean_dy.to(acc), x)
-            grad.addcmul_(centred, _channel_view(coef.to(acc), x), value=-1.0)
-            grad_x = grad.mul_(_channel_view(k.to(acc), x)).to(x.dtype)
+            grad = dy_acc - channel_view(mean_dy.to(acc), nd)
+            grad.addcmul_(centred, channel_view(coef.to(acc), nd), value=-1.0)
+            grad_x = grad.mul_(channel_view(k.to(acc), nd)).to(x.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
