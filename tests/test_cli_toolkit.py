@@ -77,3 +77,15 @@ def test_toolkit_commands_bad_input_exit_2_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "file not found" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_folded_file_without_config_raised_keyerror_traceback(tmp_path):
+    """A folded file whose header lacks the config is a clear BnlabError, not a KeyError."""
+    from safetensors.torch import save_file
+
+    from bnlab.errors import BnlabError
+
+    path = tmp_path / "folded.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"format": "bnlab-folded"})
+    with pytest.raises(BnlabError, match="broken bnlab metadata"):
+        load_folded(path)

@@ -22,7 +22,7 @@ from torch import nn
 
 from bnlab._io import atomic_path
 from bnlab.errors import BnlabError
-from bnlab.train import TrainConfig
+from bnlab.train import TrainConfig, config_from_metadata
 
 
 def _metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -138,11 +138,11 @@ def load_folded(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig]:
         raise BnlabError(f"{path}: not a safetensors file ({type(exc).__name__})") from None
     if meta.get("format") != "bnlab-folded":
         raise BnlabError(f"{path}: not a folded checkpoint (write one with 'bnlab fold')")
-    config = TrainConfig(**json.loads(meta["config"]))
+    config, in_shape, num_classes = config_from_metadata(Path(path), meta)
     model = build_model(
         config.model, norm=config.norm, placement=config.placement,
-        in_shape=tuple(json.loads(meta["in_shape"])),
-        num_classes=int(meta["num_classes"]), norm_kwargs=dict(config.norm_kwargs),
+        in_shape=in_shape,  # type: ignore[arg-type]
+        num_classes=num_classes, norm_kwargs=dict(config.norm_kwargs),
         **dict(config.model_kwargs),
     )
     folded = fold_bn(model)

@@ -161,9 +161,21 @@ def validate_config(config: TrainConfig) -> None:
     from bnlab.data import DATASET_INFO
 
     in_shape, num_classes = DATASET_INFO[config.dataset]
-    build_model(config.model, norm=config.norm, placement=config.placement,
-                in_shape=in_shape, num_classes=num_classes,
-                norm_kwargs=dict(config.norm_kwargs), **dict(config.model_kwargs))
+    probe = build_model(config.model, norm=config.norm, placement=config.placement,
+                        in_shape=in_shape, num_classes=num_classes,
+                        norm_kwargs=dict(config.norm_kwargs), **dict(config.model_kwargs))
+    # torch's norm layers accept any option value and only fail in forward (eps=-1,
+    # momentum="abc"): one training-mode forward of two blank images finds that now, as a
+    # clear error, instead of a traceback at the first step. It runs before the seeding.
+    try:
+        with torch.no_grad():
+            probe.train()(torch.zeros(2, *in_shape))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BnlabError(
+            f"model {config.model!r} with norm {config.norm!r} and norm options "
+            f"{dict(config.norm_kwargs)} cannot run: {first}"
+        ) from None
 
 
 def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -259,6 +271,24 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, config: Trai
         save_file(state, str(tmp), metadata=metadata)
 
 
+def config_from_metadata(
+    path: Path, metadata: dict[str, str]
+) -> tuple[TrainConfig, tuple[int, ...], int]:
+    """(config, in_shape, num_classes) from a bnlab safetensors header, or a BnlabError."""
+    try:
+        raw = json.loads(metadata["config"])
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise BnlabError(f"checkpoint {path}: unknown config fields {unknown}")
+        config = TrainConfig(**raw)
+        in_shape = tuple(int(s) for s in json.loads(metadata["in_shape"]))
+        num_classes = int(metadata["num_classes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BnlabError(f"checkpoint {path}: broken bnlab metadata ({exc})") from None
+    return config, in_shape, num_classes
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model from the config in a bnlab checkpoint and load its weights.
 
@@ -284,17 +314,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfi
     if metadata.get("format") != "bnlab" or "config" not in metadata:
         raise BnlabError(f"checkpoint {p}: no bnlab metadata; expected a {CHECKPOINT_FILE} "
                          "written by 'bnlab train'")
-    try:
-        raw = json.loads(metadata["config"])
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise BnlabError(f"checkpoint {p}: unknown config fields {unknown}")
-        config = TrainConfig(**raw)
-        in_shape = tuple(int(s) for s in json.loads(metadata["in_shape"]))
-        num_classes = int(metadata["num_classes"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BnlabError(f"checkpoint {p}: broken bnlab metadata ({exc})") from None
+    config, in_shape, num_classes = config_from_metadata(p, metadata)
     model = build_model(config.model, norm=config.norm, placement=config.placement,
                         in_shape=in_shape, num_classes=num_classes,  # type: ignore[arg-type]
                         norm_kwargs=dict(config.norm_kwargs), **dict(config.model_kwargs))

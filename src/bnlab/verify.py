@@ -128,6 +128,7 @@ def run_case(case: Case, seed: int = 0) -> CaseResult:
     errors: dict[str, float] = {"forward": 0.0, "backward": 0.0, "running": 0.0}
     torch_errors: dict[str, float] = dict(errors)
     failures: list[str] = []
+    per_quantity: dict[str, tuple[str, float, float]] = {}  # name -> (group, ours, torch)
 
     def compare(group: str, name: str, mine: Any, tv: Any, rv: Any, floor: float = 0.0) -> None:
         t = tv.detach().double().numpy() if tv is not None else None
@@ -139,7 +140,11 @@ def run_case(case: Case, seed: int = 0) -> CaseResult:
         mine_err = _rel(mine, t if exact else r, floor)
         errors[group] = max(errors[group], mine_err)
         if not exact:
-            torch_errors[group] = max(torch_errors[group], _rel(t, r, floor))
+            torch_err = _rel(t, r, floor)
+            torch_errors[group] = max(torch_errors[group], torch_err)
+            # Each quantity is held to 4x torch's own error on that same quantity.
+            _, prev_mine, prev_torch = per_quantity.get(name, (group, 0.0, 0.0))
+            per_quantity[name] = (group, max(prev_mine, mine_err), max(prev_torch, torch_err))
 
     x_scale = 0.0
     for step in range(case.steps + 1):
@@ -194,16 +199,20 @@ def run_case(case: Case, seed: int = 0) -> CaseResult:
         if y.dtype != x.dtype or dx.dtype != x.dtype:
             failures.append(f"dtype: y {y.dtype}, dx {dx.dtype}, expected {x.dtype}")
 
+    def float32_limit(group: str, torch_err: float) -> float:
+        floor = _EPS[case.dtype] if group == "forward" else _EPS[np.dtype(layer_dt).name]
+        return FLOAT32_FACTOR * max(torch_err, floor)
+
     limits = {}
     for group, err in errors.items():
-        if exact:
-            limit = FLOAT64_TOL
-        else:
-            limit = FLOAT32_FACTOR * max(torch_errors[group], _EPS[np.dtype(layer_dt).name]
-                                         if group != "forward" else _EPS[case.dtype])
+        limit = FLOAT64_TOL if exact else float32_limit(group, torch_errors[group])
         limits[group] = limit
         if not err <= limit:
             failures.append(f"{group} {err:.1e} > {limit:.1e}")
+    for name, (group, err, torch_err) in per_quantity.items():
+        limit = float32_limit(group, torch_err)
+        if not err <= limit:
+            failures.append(f"{name} {err:.1e} > {limit:.1e} (4x torch's own {torch_err:.1e})")
     return CaseResult(case, errors, limits, failures)
 
 

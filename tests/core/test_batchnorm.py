@@ -322,3 +322,12 @@ def test_sorted_batch_whose_first_samples_are_far_from_the_mean() -> None:
     assert np.abs(ours - ref).max() <= 4 * max(np.abs(theirs - ref).max(), 1e-7)
     np.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * x.astype(np.float64).var(0, ddof=1),
                                rtol=1e-6)
+
+
+def test_functional_forward_accepted_nan_eps() -> None:
+    """eps=NaN slipped past an `eps < 0` check and turned every output into NaN."""
+    from bnlab.core.functional import batch_norm_forward
+
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(ValueError, match="eps must be a number >= 0"):
+        batch_norm_forward(x, None, None, eps=float("nan"), training=True)

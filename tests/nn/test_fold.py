@@ -121,6 +121,24 @@ def test_fold_leaves_a_conv_with_two_users_alone():
     assert _bn_count(folded) == 1
 
 
+class WeightReadElsewhere(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + F.conv2d(x, self.conv.weight)
+
+
+def test_fold_changed_a_conv_whose_weight_is_read_elsewhere():
+    # Regression: a conv called once but whose weight is also read directly (a get_attr node)
+    # was folded in place, so the other use silently got the folded weight.
+    torch.manual_seed(6)
+    folded = _check(WeightReadElsewhere(), torch.randn(2, 3, 5, 5), 1)
+    assert _bn_count(folded) == 0
+
+
 def test_fold_conv3d_and_bn_without_running_stats():
     torch.manual_seed(4)
     model = nn.Sequential(

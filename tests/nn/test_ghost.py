@@ -129,6 +129,16 @@ def test_eval_is_plain_running_stat_batchnorm_for_any_batch_size(n):
         assert torch.equal(v, before[k])  # eval never changes state
 
 
+def test_eval_without_running_stats_chunked_the_batch_instead_of_using_whole_batch_stats():
+    # Regression: eval with track_running_stats=False used to normalise ghost batch by ghost
+    # batch; the docstring (and torch) say eval uses the whole batch's statistics.
+    torch.manual_seed(5)
+    a, b = _pair(GhostBatchNorm2d, nn.BatchNorm2d, 4, track_running_stats=False)
+    a.eval(), b.eval()
+    x = torch.randn(16, 3, 4, 4, dtype=torch.float64) * 2 + torch.arange(16.0).view(16, 1, 1, 1)
+    torch.testing.assert_close(a(x), b(x), **TOL)
+
+
 def test_bad_virtual_batch_size_raises():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="virtual_batch_size"):

@@ -142,8 +142,8 @@ def batch_norm_forward(
     x = check_float_array(x, "x")
     if x.ndim < 2:
         raise ValueError(f"x must have shape (N, C, ...), got shape {x.shape}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not eps >= 0:  # also refuses NaN
+        raise ValueError(f"eps must be a number >= 0, got {eps}")
     num_channels = x.shape[1]
     for name, v in (("weight", weight), ("bias", bias)):
         if v is not None and np.shape(v) != (num_channels,):

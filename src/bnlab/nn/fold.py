@@ -89,6 +89,12 @@ def _fold_graph(model: nn.Module) -> tuple[nn.Module, int]:
     calls = Counter(
         id(modules[str(n.target)]) for n in gm.graph.nodes if n.op == "call_module"
     )
+    # A parameter read directly (``F.conv2d(x, self.conv.weight)``) is a get_attr node of the
+    # module's weight: that module is used elsewhere too, so it must not be changed.
+    for n in gm.graph.nodes:
+        owner = str(n.target).rpartition(".")[0] if n.op == "get_attr" else None
+        if owner is not None and owner in modules:
+            calls[id(modules[owner])] += 1
     folded_count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -107,8 +113,8 @@ def _fold_graph(model: nn.Module) -> tuple[nn.Module, int]:
         if calls[id(layer)] == 1:
             _set_submodule(gm, str(src.target), folded)
         else:
-            # The same conv module is called elsewhere (possibly without BN): fold into a
-            # clone used only here, so the other calls keep the original weights.
+            # The same conv module is called (or its weight read) elsewhere, possibly without
+            # BN: fold into a clone used only here, so the other uses keep the original weights.
             base = str(src.target).replace(".", "_") + "_folded"
             name, i = base, 1
             while hasattr(gm, name):
@@ -149,7 +155,8 @@ def fold_bn(model: nn.Module) -> nn.Module:
     handled; a BN without running statistics (eval uses batch statistics) is left alone, as
     is anything else. The graph is found with ``torch.fx`` (BN layers kept as leaves): a
     conv whose output also goes elsewhere is not folded, and a conv *module* called more
-    than once is folded into a clone for the BN use only, so its other calls are unchanged.
+    than once (or whose weight is also read directly) is folded into a clone for the BN use
+    only, so its other uses are unchanged.
     Models fx cannot trace fall back, with a warning, to adjacent pairs in ``nn.Sequential``.
 
     ``model`` itself is not changed. The result is an ``nn.Module`` (usually an

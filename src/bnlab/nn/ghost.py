@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from bnlab.nn._base import RANKS, GuardedBatchNorm, rank_doc
 
@@ -107,6 +108,10 @@ class _GhostBatchNorm(GuardedBatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def _train_forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            # Eval without running statistics: the whole batch's statistics, as torch does
+            # (ghost batches are a training-time regulariser; eval never chunks).
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         n, c = x.shape[0], self.num_features
         per_sample = x[0].numel() // c if n else 0
         v = self.virtual_batch_size
