@@ -126,3 +126,20 @@ def test_worker_argv_round_trips() -> None:
     for key, value in vars(args).items():
         if key not in ("nproc", "_handler"):
             assert getattr(again, key) == value, key
+
+
+@pytest.mark.parametrize("norm_args,expect", [
+    (["--norm-arg", "momentum=abc"], "must be float"),
+    (["--norm-arg", "eps=-1"], "eps must be positive"),
+    (["--norm", "gn", "--norm-arg", "groups=0"], "groups must be a whole number >= 1"),
+])
+def test_bad_norm_option_value_was_a_traceback_mid_run(
+    tmp_path: Path, norm_args: list[str], expect: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch's norm layers accept any option value and failed at the first step with a
+    traceback (ZeroDivisionError for gn groups=0); now: exit 2, one line, nothing written."""
+    out = tmp_path / "out"
+    assert main(["train", *FAST, *norm_args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err
+    assert not out.exists()

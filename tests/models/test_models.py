@@ -116,3 +116,10 @@ def test_bad_input(kwargs: dict, match: str) -> None:
     name = kwargs.pop("name")
     with pytest.raises(BnlabError, match=match):
         build_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("groups", [0, -1])
+def test_gn_groups_below_one_raised_zero_division(groups: int) -> None:
+    """``groups=0`` divided by zero (a traceback); it is a clear error now."""
+    with pytest.raises(BnlabError, match="groups must be a whole number >= 1"):
+        build_model("seed_cnn", norm="gn", norm_kwargs={"groups": groups})

@@ -80,6 +80,8 @@ def _bn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
 
 @register_norm("gn", "torch.nn.GroupNorm, 32 groups (or fewer, dividing the channels)")
 def _gn(num_features: int, dim: int, groups: int = 32, **kwargs: Any) -> nn.Module:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"gn: groups must be a whole number >= 1, got {groups!r}")
     groups = min(groups, num_features)
     while num_features % groups:
         groups -= 1
