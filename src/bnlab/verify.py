@@ -203,11 +203,13 @@ def run_case(case: Case, seed: int = 0) -> CaseResult:
         floor = _EPS[case.dtype] if group == "forward" else _EPS[np.dtype(layer_dt).name]
         return FLOAT32_FACTOR * max(torch_err, floor)
 
+    # float64 is held to a fixed tolerance per group; float32/16 per quantity (below), which
+    # implies its group's limit, so the group limits are only shown in the table.
     limits = {}
     for group, err in errors.items():
         limit = FLOAT64_TOL if exact else float32_limit(group, torch_errors[group])
         limits[group] = limit
-        if not err <= limit:
+        if exact and not err <= limit:
             failures.append(f"{group} {err:.1e} > {limit:.1e}")
     for name, (group, err, torch_err) in per_quantity.items():
         limit = float32_limit(group, torch_err)
