@@ -50,6 +50,17 @@ def test_writes_metrics_checkpoint_summary(tmp_path: Path, digits) -> None:
     assert evaluate(model, digits.test)[1] == summary["test_acc"]
 
 
+def test_thread_count_is_restored(digits) -> None:
+    """config.threads applies to the run only: the caller's torch thread count comes back."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(dataclasses.replace(DIGITS, steps=2, eval_every=2), progress=False, data=digits)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_deterministic(digits) -> None:
     cfg = dataclasses.replace(DIGITS, model_kwargs={"dropout": 0.2})
     a = train(cfg, progress=False, data=digits).metrics

@@ -41,10 +41,11 @@ def _load(dataset: str, data_dir: str | os.PathLike[str] | None, download: bool)
         return load_dataset(dataset, data_dir, download=download), None
     try:
         return load_dataset("mnist", data_dir, download=download), None
-    except BnlabError:
-        note = ("note: MNIST is not available (not found locally, download failed); using "
-                "scikit-learn's bundled 8x8 digits instead ('bnlab train --dataset mnist' "
-                "says where bnlab looked and how to supply the files)")
+    except BnlabError as exc:
+        reason = str(exc).splitlines()[0].split("; looked in")[0]  # the first line says why
+        note = (f"note: MNIST is not available ({reason}); using scikit-learn's bundled 8x8 "
+                "digits instead ('bnlab train --dataset mnist' says where bnlab looked and "
+                "how to supply the files)")
         return load_dataset("digits"), note
 
 

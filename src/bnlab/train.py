@@ -401,11 +401,13 @@ def train(
     t_start = time.perf_counter()
     validate_config(config)
     dist_info = _setup_distributed(config)
+    threads = torch.get_num_threads()  # config.threads applies to this run only
     try:
         return _train(config, out_dir, progress=progress, overwrite=overwrite, data=data,
                       data_dir=data_dir, download=download, dist_info=dist_info,
                       t_start=t_start)
     finally:
+        torch.set_num_threads(threads)
         if dist_info.owns_group:
             import torch.distributed as dist
 

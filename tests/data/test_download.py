@@ -134,7 +134,7 @@ def test_offline_no_data_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "http://127.0.0.1:9/a/train-images-idx3-ubyte.gz" in msg
     assert "http://127.0.0.1:9/b/train-images-idx3-ubyte.gz" in msg
     assert "--data-dir" in msg and "BNLAB_DATA_DIR" in msg
-    assert not (tmp_path / "mine" / "mnist" / "train-images-idx3-ubyte.gz").exists()
+    assert not (tmp_path / "mine" / "mnist").exists()  # no empty folder left behind
     with pytest.raises(BnlabError, match="looked in"):
         load_dataset("mnist", tmp_path / "mine", download=False)
 
@@ -168,3 +168,18 @@ def test_corrupted_cached_file_is_reported(
     labels.write_bytes(labels.read_bytes()[:-10])
     with pytest.raises(BnlabError, match=r"t10k-labels-idx1-ubyte\.gz: SHA-256 mismatch"):
         load_dataset("mnist", root, download=False)
+
+
+def test_corrupt_local_mnist_named_in_demo_note(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's fallback note says *why* MNIST was not used, e.g. a corrupt file."""
+    from bnlab.demo import _load
+
+    root = tmp_path / "copy"
+    shutil.copytree(mnist_dir / "mnist", root / "mnist")
+    images = root / "mnist" / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-10])
+    data, note = _load("auto", root, download=False)
+    assert data.name == "digits"
+    assert "train-images-idx3-ubyte.gz: SHA-256 mismatch" in note

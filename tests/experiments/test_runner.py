@@ -65,7 +65,8 @@ class Fake(Experiment):
             raise RuntimeError("boom")
         with open(self.log, "a") as fh:
             fh.write(json.dumps({"dir": run_dir.name, "start": t0, "end": time.time(),
-                                 "threads": spec.config.threads}) + "\n")
+                                 "threads": spec.config.threads,
+                                 "data_dir": os.environ.get("BNLAB_DATA_DIR")}) + "\n")
         acc = 0.9 + spec.config.lr / 10 + 0.001 * spec.seed
         metrics = [{"step": 1, "test_acc": acc / 2}, {"step": 2, "test_acc": acc}]
         write_run_files(run_dir, metrics, {"test_acc": acc, "diverged": False,
@@ -130,6 +131,15 @@ def test_run_writes_results_and_rerun_skips_completed(fake: Fake, tmp_path: Path
     assert len(executions(fake)) == 4  # nothing redone
     again = json.loads((out / "fake" / "result.json").read_text())
     assert again["elapsed_s"] == result["elapsed_s"]  # the time of the invocation that ran
+
+
+def test_data_dir_reaches_the_runs_and_environment_is_restored(
+    fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BNLAB_DATA_DIR", "/the/callers/own")
+    lab(tmp_path / "lab", data_dir=tmp_path / "data")
+    assert {e["data_dir"] for e in executions(fake)} == {str((tmp_path / "data").resolve())}
+    assert os.environ["BNLAB_DATA_DIR"] == "/the/callers/own"
 
 
 def test_run_folder_without_summary_is_redone_from_scratch(fake: Fake, tmp_path: Path) -> None:

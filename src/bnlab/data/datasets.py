@@ -267,11 +267,14 @@ def load_dataset(
         raise BnlabError(f"{name} not found; looked in:\n{looked}\n{how}.")
     target = (Path(data_dir).expanduser() if data_dir is not None else cache_dir()) / name
     urls = list(mirrors) if mirrors is not None else env_mirrors() or list(MIRRORS[name])
+    created = not target.exists()
     try:
         for fname in IDX_FILES:
             if not (target / fname).is_file():
                 _fetch_one(fname, target, name, urls, progress)
     except BnlabError as exc:
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # leave no empty folder behind (files that did arrive are kept)
         raise BnlabError(
             f"{name} not found and the download failed; looked in:\n{looked}\n{exc}\n"
             f"{how}, or let bnlab download them when online."

@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,23 @@ class ExperimentOutcome:
     failed: list[str]
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set environment variable ``name`` to ``value`` (None: leave it) for a block only."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def run_lab(
     names: list[str],
     *,
@@ -334,54 +352,53 @@ def run_lab(
         raise BnlabError(f"unknown dataset {dataset!r}; expected one of: {', '.join(DATASETS)}")
     out = Path(out)
     planned = plan(names, profile, dataset, out)
-    if data_dir is not None:
-        # train() finds the data through the documented lookup order; children inherit this
-        os.environ["BNLAB_DATA_DIR"] = str(Path(data_dir).resolve())
-    prepare_out(out, planned, profile, dataset, force)
+    # train() finds the data through the documented lookup order; the children inherit it
+    with _env("BNLAB_DATA_DIR", None if data_dir is None else str(Path(data_dir).resolve())):
+        prepare_out(out, planned, profile, dataset, force)
 
-    status: dict[str, bool] = {}
-    for p in planned:
-        for run in p.runs:
-            try:
-                status[run.run_id] = load_run(run) is not None
-            except CorruptRun as exc:
-                print(f"corrupted result file {exc.path} ({exc.reason}); re-running run "
-                      f"{run.run_id}", file=sys.stderr)
-                status[run.run_id] = False
-    total = sum(len(p.runs) for p in planned)
-    pending_total = sum(not done for done in status.values())
-    if pending_total:
-        # fail early, with the data module's own message, if the data cannot be found
-        preload(dataset, data_dir)
-        warm_up([r for p in planned for r in p.runs if not status[r.run_id]
-                 and p.experiment.warm_up])
-
-    threads = threads_per_run(jobs)
-    show_run = progress if jobs == 1 else False
-    outcomes = []
-    start = time.monotonic()
-    with Progress(total, "lab", enabled=progress, unit="run", position=0) as bar:
-        bar.update(total - pending_total)
+        status: dict[str, bool] = {}
         for p in planned:
-            t0 = time.monotonic()
-            todo = [r for r in p.runs if not status[r.run_id]]
-            bar.set_postfix(experiment=p.experiment.name)
-            failed = _run_pending(p.experiment.name, todo, jobs, threads, show_run, bar)
-            verdict = None
-            if not failed:
-                verdict = write_results(p, profile, dataset, time.monotonic() - t0,
-                                        ran=len(todo))
-            outcomes.append(ExperimentOutcome(
-                p.experiment.name, verdict, time.monotonic() - t0,
-                len(p.runs) - len(failed), len(p.runs), failed,
-            ))
-    print_summary(outcomes, time.monotonic() - start, jobs, threads)
-    failed_runs = [f for o in outcomes for f in o.failed]
-    if failed_runs:
-        raise BnlabError(
-            f"{len(failed_runs)} run(s) failed; see error.txt in: " + ", ".join(failed_runs[:5])
-        )
-    return outcomes
+            for run in p.runs:
+                try:
+                    status[run.run_id] = load_run(run) is not None
+                except CorruptRun as exc:
+                    print(f"corrupted result file {exc.path} ({exc.reason}); re-running run "
+                          f"{run.run_id}", file=sys.stderr)
+                    status[run.run_id] = False
+        total = sum(len(p.runs) for p in planned)
+        pending_total = sum(not done for done in status.values())
+        if pending_total:
+            # fail early, with the data module's own message, if the data cannot be found
+            preload(dataset, data_dir)
+            warm_up([r for p in planned for r in p.runs if not status[r.run_id]
+                     and p.experiment.warm_up])
+
+        threads = threads_per_run(jobs)
+        show_run = progress if jobs == 1 else False
+        outcomes = []
+        start = time.monotonic()
+        with Progress(total, "lab", enabled=progress, unit="run", position=0) as bar:
+            bar.update(total - pending_total)
+            for p in planned:
+                t0 = time.monotonic()
+                todo = [r for r in p.runs if not status[r.run_id]]
+                bar.set_postfix(experiment=p.experiment.name)
+                failed = _run_pending(p.experiment.name, todo, jobs, threads, show_run, bar)
+                verdict = None
+                if not failed:
+                    verdict = write_results(p, profile, dataset, time.monotonic() - t0,
+                                            ran=len(todo))
+                outcomes.append(ExperimentOutcome(
+                    p.experiment.name, verdict, time.monotonic() - t0,
+                    len(p.runs) - len(failed), len(p.runs), failed,
+                ))
+        print_summary(outcomes, time.monotonic() - start, jobs, threads)
+        failed_runs = [f for o in outcomes for f in o.failed]
+        if failed_runs:
+            raise BnlabError(
+                f"{len(failed_runs)} run(s) failed; see error.txt in: " + ", ".join(failed_runs[:5])
+            )
+        return outcomes
 
 
 def _run_pending(exp_name: str, todo: list[PlannedRun], jobs: int, threads: int,
