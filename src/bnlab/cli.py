@@ -344,7 +344,7 @@ def _add_recalibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-batches", type=_positive_int, default=None,
                    help="use the first N batches (default: the whole training split)")
     p.add_argument("--batch-size", type=_positive_int, default=256,
-                   help="batch size for the statistics pass (the result does not depend on it)")
+                   help="batch size for the statistics passes (the result does not depend on it)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="where to write (default: CHECKPOINT with .recalibrated.safetensors)")
 
@@ -453,7 +453,9 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
         "recompute a checkpoint's BN running statistics exactly on training data",
         "Load a 'bnlab train' checkpoint, replace every BN layer's running mean and "
         "variance by the exact population statistics of the training split (or its first "
-        "--num-batches batches), report test accuracy before and after, and save.",
+        "--num-batches batches), report test accuracy before and after, and save. Layers "
+        "are done in forward order, one pass each, so every layer's statistics describe "
+        "its input at inference with the new statistics before it.",
         _add_recalibrate,
         _run_recalibrate,
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -152,7 +153,13 @@ def test_nan_and_inf_propagate_like_torch() -> None:
     x = np.random.default_rng(0).normal(size=(6, 3, 2)).astype(np.float32)
     x[0, 0, 0] = np.nan
     x[1, 1, 1] = np.inf
-    ours = core.BatchNorm1d(3)(x)
+    layer = core.BatchNorm1d(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silent, like torch: no NumPy RuntimeWarning
+        ours = layer(x)
+        layer.backward(np.ones_like(x))
+        layer.eval()
+        layer(x)
     theirs = torch.nn.BatchNorm1d(3)(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
     finite = np.isfinite(theirs)

@@ -24,8 +24,8 @@ def _model():
     return model
 
 
-def _population_stats(model, data):
-    """Reference: the whole data in one eval-mode pass, statistics of each BN input."""
+def _bn_inputs(model, data):
+    """The input of each BN layer (1 and 5) when the whole data goes through in eval mode."""
     seen = {}
     hooks = [model[i].register_forward_pre_hook(
         lambda mod, args, i=i: seen.__setitem__(i, args[0].detach())) for i in (1, 5)]
@@ -34,7 +34,25 @@ def _population_stats(model, data):
         model(data)
     for h in hooks:
         h.remove()
-    return {i: (x.mean(0), x.var(0, unbiased=True)) for i, x in seen.items()}
+    return seen
+
+
+def _population_stats(model, data, layerwise=True):
+    """Reference, from the whole data in one batch (no merging formula).
+
+    layerwise: each layer's statistics are set before the next layer's are measured, so
+    they describe what the layer receives at inference afterwards. Otherwise every layer
+    is measured in one pass with the old statistics upstream.
+    """
+    stats = {}
+    for i in (1, 5):
+        x = _bn_inputs(model, data)[i]
+        stats[i] = (x.mean(0), x.var(0, unbiased=True))
+        if layerwise:
+            with torch.no_grad():
+                model[i].running_mean.copy_(stats[i][0])
+                model[i].running_var.copy_(stats[i][1])
+    return stats
 
 
 @pytest.mark.parametrize("batch_size", [2, 3, 7, 64])
@@ -59,7 +77,28 @@ def test_num_batches_limits_the_data():
     model = _model()
     expected = _population_stats(_model(), data[:20])
     recalibrate_bn(model, iter(torch.split(data, 10)), num_batches=2, progress=False)
-    torch.testing.assert_close(model[1].running_mean, expected[1][0], **TOL)
+    for i, (mean, var) in expected.items():  # a generator is read once, then replayed
+        torch.testing.assert_close(model[i].running_mean, mean, **TOL)
+        torch.testing.assert_close(model[i].running_var, var, **TOL)
+
+
+def test_layerwise_statistics_are_what_inference_sees():
+    """After the default recalibration each layer's running stats equal the statistics of
+    its own input at inference; the one-pass variant differs when upstream stats were stale."""
+    data = torch.randn(60, 5, dtype=torch.float64) * 3 + 1
+    model = recalibrate_bn(_model(), torch.split(data, 7), progress=False)
+    inputs = _bn_inputs(model, data)
+    for i in (1, 5):
+        torch.testing.assert_close(model[i].running_mean, inputs[i].mean(0), **TOL)
+        torch.testing.assert_close(model[i].running_var, inputs[i].var(0), **TOL)
+
+    one_pass = recalibrate_bn(_model(), torch.split(data, 7), progress=False, layerwise=False)
+    expected = _population_stats(_model(), data, layerwise=False)
+    for i, (mean, var) in expected.items():
+        torch.testing.assert_close(one_pass[i].running_mean, mean, **TOL)
+        torch.testing.assert_close(one_pass[i].running_var, var, **TOL)
+    stale = _bn_inputs(one_pass, data)[5]  # layer 1's stats changed after layer 5 was measured
+    assert (one_pass[5].running_mean - stale.mean(0)).abs().max() > 1e-2
 
 
 def test_loader_that_raises_restores_everything_and_changes_no_stats():
@@ -81,6 +120,23 @@ def test_loader_that_raises_restores_everything_and_changes_no_stats():
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert not model[1]._forward_pre_hooks and not model[5]._forward_pre_hooks
+
+
+def test_model_that_raises_in_a_later_pass_puts_every_statistic_back():
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def fail_in_pass_two(mod, args):
+        calls.append(1)
+        if len(calls) > 3:  # pass 1 is three batches; pass 2 (layer 5) fails
+            raise RuntimeError("out of memory")
+
+    model[4].register_forward_pre_hook(fail_in_pass_two)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        recalibrate_bn(model, [torch.randn(4, 5, dtype=torch.float64)] * 3, progress=False)
+    for k, v in model.state_dict().items():  # layer 1, already written, is restored too
+        assert torch.equal(v, state[k]), k
 
 
 def test_bad_input_raises():

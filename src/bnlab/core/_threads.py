@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
 __all__ = ["get_num_threads", "run_parallel", "set_num_threads"]
@@ -88,15 +90,17 @@ def run_parallel(work: Callable[[T], None], items: Sequence[T]) -> None:
     """Call ``work(item)`` for every item, the items split into one contiguous run per thread."""
     global _pool
     threads = min(_num_threads, len(items))
-    if threads <= 1:
-        for item in items:
-            work(item)
-        return
 
     def run_range(lo: int, hi: int) -> None:
-        for item in items[lo:hi]:
-            work(item)
+        # NaN/Inf input propagates silently, as in torch (no "invalid value" warnings);
+        # NumPy's error state is per thread, so each worker sets its own.
+        with np.errstate(invalid="ignore", over="ignore"):
+            for item in items[lo:hi]:
+                work(item)
 
+    if threads <= 1:
+        run_range(0, len(items))
+        return
     with _lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_num_threads, thread_name_prefix="bnlab")

@@ -66,6 +66,8 @@ def recalibrate_bn(
     batches: Iterable[Any],
     num_batches: int | None = None,
     progress: bool = True,
+    *,
+    layerwise: bool = True,
 ) -> nn.Module:
     """Set every BN layer's running statistics to the exact statistics of the given data.
 
@@ -79,14 +81,27 @@ def recalibrate_bn(
     they were split. Numerics: per-layer count/mean/M2 in float64 via forward pre-hooks,
     merged with Chan's parallel formula.
 
-    The model runs in eval mode under ``torch.no_grad()``: every layer, BN included, behaves
-    as at inference (dropout off, BN normalising with the statistics it had when the call
-    started), so each layer's input is a per-sample function of the data and the result is
-    exactly split-invariant. The new statistics are written only after the last batch.
-    Afterwards each module's train/eval mode and each BN layer's momentum are restored and
-    the hooks removed, in ``finally`` (also when the loader raises; then no statistics
-    change). ``num_batches_tracked`` is left as it was; nothing but ``running_mean`` and
-    ``running_var`` is touched.
+    The model runs in eval mode under ``torch.no_grad()``: every layer behaves as at
+    inference (dropout off, BN normalising with running statistics), so each layer's input
+    is a per-sample function of the data and the result is exactly split-invariant.
+
+    ``layerwise=True`` (the default): the layers are recalibrated one after another, in the
+    order the forward pass reaches them, one pass over the data each. A layer's statistics
+    are therefore computed from inputs that the *new* statistics of the layers before it
+    produce: after the call, every layer's running statistics are exactly the population
+    statistics of what it receives at inference. This costs one pass per BN layer; the
+    inputs are kept in memory after the first pass (bound it with ``num_batches``), so a
+    generator or a shuffling DataLoader is read only once.
+
+    ``layerwise=False``: one pass for all layers. Deeper layers then see inputs normalised
+    with the upstream layers' *old* statistics: cheaper, and the same when those were
+    already close, but not inference-consistent when they were stale (after weight
+    averaging, say).
+
+    Each module's train/eval mode and each BN layer's momentum are restored and the hooks
+    removed, in ``finally``. If anything raises (the loader, or the model), every running
+    statistic is put back as it was. ``num_batches_tracked`` is left as it was; nothing but
+    ``running_mean`` and ``running_var`` is touched.
 
     Args:
         model: any module containing BN layers.
@@ -94,6 +109,7 @@ def recalibrate_bn(
             yields; inputs are moved to the model's device.
         num_batches: use at most this many batches (default: all).
         progress: show a progress bar / lines (default True).
+        layerwise: one pass per layer, inference-consistent (default); False: one pass.
 
     Returns:
         ``model`` (changed in place).
@@ -121,53 +137,90 @@ def recalibrate_bn(
         raise ValueError("model has no batch-norm layer with running statistics to recalibrate")
     device = next(itertools.chain(model.parameters(), model.buffers())).device
 
-    moments = {id(m): _Moments() for _, m in layers}
     modes = {m: m.training for m in model.modules()}
     momenta = {id(m): getattr(m, "momentum", None) for _, m in layers}
-    handles = []
+    saved = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
+    order: list[tuple[str, Any]] = []  # the layers in the order the forward reaches them
+    handles: list[Any] = []
+    done = False
     try:
-        for _, layer in layers:
-            acc = moments[id(layer)]
-            handles.append(
-                layer.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
-            )
         model.eval()
+        # Pass 1 reads the batches (keeping the inputs if more passes follow) and gives
+        # every layer's statistics; with layerwise, only the first layer's are kept.
+        moments = {id(m): _Moments() for _, m in layers}
+        kept: list[Tensor] | None = [] if layerwise and len(layers) > 1 else None
+        for name, layer in layers:
+            acc = moments[id(layer)]
+
+            def first_pass_hook(mod: nn.Module, args: Any, acc: _Moments = acc,
+                                entry: tuple[str, Any] = (name, layer)) -> None:
+                if entry not in order:
+                    order.append(entry)
+                acc.add(args[0])
+
+            handles.append(layer.register_forward_pre_hook(first_pass_hook))
         total = num_batches
         if total is None and hasattr(batches, "__len__"):
             total = len(batches)  # type: ignore[arg-type]
         source = batches if num_batches is None else itertools.islice(batches, num_batches)
+        desc = "recalibrate BN" + (f" (pass 1 of {len(layers)})" if kept is not None else "")
         seen = 0
         with torch.no_grad():
-            for batch in progress_iter(
-                source, "recalibrate BN", total=total, enabled=None if progress else False,
-                unit="batch",
-            ):
-                model(_first_tensor(batch).to(device))
+            for batch in progress_iter(source, desc, total=total,
+                                       enabled=None if progress else False, unit="batch"):
+                x = _first_tensor(batch)
+                if kept is not None:
+                    kept.append(x)
+                model(x.to(device))
                 seen += 1
         if seen == 0:
             raise ValueError("recalibrate_bn got no batches")
-        for name, layer in layers:
-            acc = moments[id(layer)]
-            if acc.count < 2:
-                raise ValueError(
-                    f"layer {name} saw {acc.count} value(s) per channel; the population "
-                    "variance needs at least 2 (give more data, or check the layer is used)"
-                )
-        with torch.no_grad():
-            for _, layer in layers:
-                acc = moments[id(layer)]
-                if acc.mean is None or acc.m2 is None:  # pragma: no cover - checked above
-                    continue
-                layer.running_mean.copy_(acc.mean)
-                layer.running_var.copy_(acc.m2 / (acc.count - 1))
+        _remove(handles)
+        order += [entry for entry in layers if entry not in order]  # never reached: count 0
+        if kept is None:
+            for name, layer in layers:
+                _write(name, layer, moments[id(layer)])
+        else:
+            _write(*order[0], moments[id(order[0][1])])
+            for i, (name, layer) in enumerate(order[1:], start=2):
+                acc = _Moments()
+                handles.append(layer.register_forward_pre_hook(
+                    lambda mod, args, acc=acc: acc.add(args[0])))
+                with torch.no_grad():
+                    for x in progress_iter(kept, f"recalibrate BN (pass {i} of {len(order)})",
+                                           enabled=None if progress else False, unit="batch"):
+                        model(x.to(device))
+                _remove(handles)
+                _write(name, layer, acc)
+        done = True
     finally:
-        for handle in handles:
-            handle.remove()
+        _remove(handles)
         for module, training in modes.items():
             module.training = training
-        for _, layer in layers:
+        for (_, layer), (mean, var) in zip(layers, saved, strict=True):
             layer.momentum = momenta[id(layer)]
+            if not done:
+                with torch.no_grad():
+                    layer.running_mean.copy_(mean)
+                    layer.running_var.copy_(var)
     return model
+
+
+def _remove(handles: list[Any]) -> None:
+    while handles:
+        handles.pop().remove()
+
+
+def _write(name: str, layer: Any, acc: _Moments) -> None:
+    """Set ``layer``'s running statistics from ``acc`` (at least 2 values per channel)."""
+    if acc.count < 2 or acc.mean is None or acc.m2 is None:
+        raise ValueError(
+            f"layer {name} saw {acc.count} value(s) per channel; the population "
+            "variance needs at least 2 (give more data, or check the layer is used)"
+        )
+    with torch.no_grad():
+        layer.running_mean.copy_(acc.mean)
+        layer.running_var.copy_(acc.m2 / (acc.count - 1))
 
 
 __all__ = ["recalibrate_bn"]
