@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-import torch
 
-import bnlab.core as core
 import bnlab.core.functional as F
 from bnlab.cli import main
 from bnlab.verify import Case, run_case, run_verify
 
-
-@pytest.fixture(autouse=True)
-def _single_threaded() -> Iterator[None]:
-    """The CI machine's 2 cores are shared: torch and the core use one thread here."""
-    torch_threads, core_threads = torch.get_num_threads(), core.get_num_threads()
-    torch.set_num_threads(1)
-    core.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(torch_threads)
-        core.set_num_threads(core_threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def test_verify_passes_and_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -159,27 +159,26 @@ def test_real_mnist_downloaded_over_http_into_cache(
     assert (again.train.tensors[0] == data.train.tensors[0]).all()
 
 
-def test_corrupted_cached_file_is_reported(
-    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _copy_with_truncated(mnist_dir: Path, tmp_path: Path, filename: str) -> Path:
+    """A copy of the real mnist/ folder under tmp_path, with ``filename`` cut short."""
     root = tmp_path / "copy"
     shutil.copytree(mnist_dir / "mnist", root / "mnist")
-    labels = root / "mnist" / "t10k-labels-idx1-ubyte.gz"
-    labels.write_bytes(labels.read_bytes()[:-10])
+    victim = root / "mnist" / filename
+    victim.write_bytes(victim.read_bytes()[:-10])
+    return root
+
+
+def test_corrupted_cached_file_is_reported(mnist_dir: Path, tmp_path: Path) -> None:
+    root = _copy_with_truncated(mnist_dir, tmp_path, "t10k-labels-idx1-ubyte.gz")
     with pytest.raises(BnlabError, match=r"t10k-labels-idx1-ubyte\.gz: SHA-256 mismatch"):
         load_dataset("mnist", root, download=False)
 
 
-def test_corrupt_local_mnist_named_in_demo_note(
-    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_corrupt_local_mnist_named_in_demo_note(mnist_dir: Path, tmp_path: Path) -> None:
     """The demo's fallback note says *why* MNIST was not used, e.g. a corrupt file."""
     from bnlab.demo import _load
 
-    root = tmp_path / "copy"
-    shutil.copytree(mnist_dir / "mnist", root / "mnist")
-    images = root / "mnist" / "train-images-idx3-ubyte.gz"
-    images.write_bytes(images.read_bytes()[:-10])
+    root = _copy_with_truncated(mnist_dir, tmp_path, "train-images-idx3-ubyte.gz")
     data, note = _load("auto", root, download=False)
     assert data.name == "digits"
     assert "train-images-idx3-ubyte.gz: SHA-256 mismatch" in note

@@ -162,6 +162,21 @@ def get_data(dataset: str) -> Any:
     return _PRELOADED[dataset]
 
 
+@dataclass(frozen=True)
+class CurveConfig:
+    """Settings of a comparison that tracks test accuracy along training (one profile)."""
+
+    seeds: tuple[int, ...]
+    steps: int
+    eval_every: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 64
+    eval_subset: int | None = None
+    model: str = "seed_cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
 # The settings a sweep's config gives every run unless the run sets its own (train_config).
 SHARED_SETTINGS = ("model", "steps", "batch_size", "lr", "momentum", "eval_subset")
 

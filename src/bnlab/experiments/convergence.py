@@ -10,12 +10,12 @@ curve: a network that gets there sooner scores higher), BN minus no BN, per seed
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from bnlab.experiments.base import (
     Analysis,
+    CurveConfig,
     Experiment,
     RunResult,
     RunSpec,
@@ -36,17 +36,7 @@ THRESHOLD_PP = 1.0  # BN's curve must lie at least 1 percentage point higher on 
 TARGETS = (0.97, 0.98, 0.99)
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    steps: int
-    eval_every: int
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 64
-    eval_subset: int | None = None
-    model: str = "seed_cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+Config = CurveConfig
 
 
 class Convergence(Experiment):

@@ -8,12 +8,12 @@ minus after, per seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from bnlab.experiments.base import (
     Analysis,
+    CurveConfig,
     Experiment,
     RunResult,
     RunSpec,
@@ -31,17 +31,7 @@ THRESHOLD_PP = 0.3
 PLACEMENTS = ("before", "after")
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    steps: int
-    eval_every: int
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 64
-    eval_subset: int | None = None
-    model: str = "seed_cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+Config = CurveConfig
 
 
 class Placement(Experiment):

@@ -7,7 +7,7 @@ behind the weights; averaging over many batches after training fixes that.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -98,10 +98,11 @@ def recalibrate_bn(
     already close, but not inference-consistent when they were stale (after weight
     averaging, say).
 
-    Each module's train/eval mode and each BN layer's momentum are restored and the hooks
-    removed, in ``finally``. If anything raises (the loader, or the model), every running
-    statistic is put back as it was. ``num_batches_tracked`` is left as it was; nothing but
-    ``running_mean`` and ``running_var`` is touched.
+    Each module's train/eval mode is restored and the hooks removed, in ``finally``. If
+    anything raises (the loader, or the model), every running statistic is put back as it
+    was. The statistics are computed directly, so momentum is never changed (nor needed);
+    ``num_batches_tracked`` is left as it was; nothing but ``running_mean`` and
+    ``running_var`` is touched.
 
     Args:
         model: any module containing BN layers.
@@ -138,45 +139,33 @@ def recalibrate_bn(
     device = next(itertools.chain(model.parameters(), model.buffers())).device
 
     modes = {m: m.training for m in model.modules()}
-    momenta = {id(m): getattr(m, "momentum", None) for _, m in layers}
     saved = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
-    order: list[tuple[str, Any]] = []  # the layers in the order the forward reaches them
+    reached: dict[int, tuple[str, Any]] = {}  # id -> layer, in the order the forward reaches
     handles: list[Any] = []
     done = False
     try:
         model.eval()
-        # Pass 1 reads the batches (keeping the inputs if more passes follow) and gives
-        # every layer's statistics; with layerwise, only the first layer's are kept.
-        moments = {id(m): _Moments() for _, m in layers}
+        # Pass 1 reads the batches (keeping the inputs if more passes follow). One pass: every
+        # layer's statistics. Layerwise: those of the first layer reached, the others later.
         kept: list[Tensor] | None = [] if layerwise and len(layers) > 1 else None
-        for name, layer in layers:
-            acc = moments[id(layer)]
+        moments = {id(m): _Moments() for _, m in layers}
+        for entry in layers:
 
-            def first_pass_hook(mod: nn.Module, args: Any, acc: _Moments = acc,
-                                entry: tuple[str, Any] = (name, layer)) -> None:
-                if entry not in order:
-                    order.append(entry)
-                acc.add(args[0])
+            def first_pass_hook(mod: nn.Module, args: Any, entry: tuple[str, Any] = entry) -> None:
+                reached.setdefault(id(mod), entry)
+                if kept is None or next(iter(reached)) == id(mod):
+                    moments[id(mod)].add(args[0])
 
-            handles.append(layer.register_forward_pre_hook(first_pass_hook))
+            handles.append(entry[1].register_forward_pre_hook(first_pass_hook))
         total = num_batches
         if total is None and hasattr(batches, "__len__"):
             total = len(batches)  # type: ignore[arg-type]
         source = batches if num_batches is None else itertools.islice(batches, num_batches)
-        desc = "recalibrate BN" + (f" (pass 1 of {len(layers)})" if kept is not None else "")
-        seen = 0
-        with torch.no_grad():
-            for batch in progress_iter(source, desc, total=total,
-                                       enabled=None if progress else False, unit="batch"):
-                x = _first_tensor(batch)
-                if kept is not None:
-                    kept.append(x)
-                model(x.to(device))
-                seen += 1
-        if seen == 0:
+        passes = "" if kept is None else f" (pass 1 of {len(layers)})"
+        if _run(model, _inputs(source, kept), device, passes, total, progress) == 0:
             raise ValueError("recalibrate_bn got no batches")
         _remove(handles)
-        order += [entry for entry in layers if entry not in order]  # never reached: count 0
+        order = [*reached.values(), *(e for e in layers if id(e[1]) not in reached)]
         if kept is None:
             for name, layer in layers:
                 _write(name, layer, moments[id(layer)])
@@ -186,10 +175,7 @@ def recalibrate_bn(
                 acc = _Moments()
                 handles.append(layer.register_forward_pre_hook(
                     lambda mod, args, acc=acc: acc.add(args[0])))
-                with torch.no_grad():
-                    for x in progress_iter(kept, f"recalibrate BN (pass {i} of {len(order)})",
-                                           enabled=None if progress else False, unit="batch"):
-                        model(x.to(device))
+                _run(model, kept, device, f" (pass {i} of {len(order)})", len(kept), progress)
                 _remove(handles)
                 _write(name, layer, acc)
         done = True
@@ -197,13 +183,33 @@ def recalibrate_bn(
         _remove(handles)
         for module, training in modes.items():
             module.training = training
-        for (_, layer), (mean, var) in zip(layers, saved, strict=True):
-            layer.momentum = momenta[id(layer)]
-            if not done:
-                with torch.no_grad():
+        if not done:
+            with torch.no_grad():
+                for (_, layer), (mean, var) in zip(layers, saved, strict=True):
                     layer.running_mean.copy_(mean)
                     layer.running_var.copy_(var)
     return model
+
+
+def _inputs(batches: Iterable[Any], kept: list[Tensor] | None) -> Iterator[Tensor]:
+    """The input tensor of each batch, also appended to ``kept`` (unless None)."""
+    for batch in batches:
+        x = _first_tensor(batch)
+        if kept is not None:
+            kept.append(x)
+        yield x
+
+
+def _run(model: nn.Module, inputs: Iterable[Tensor], device: torch.device, passes: str,
+         total: int | None, progress: bool) -> int:
+    """One forward of ``model`` per input, without gradients; returns how many ran."""
+    count = 0
+    with torch.no_grad():
+        for x in progress_iter(inputs, "recalibrate BN" + passes, total=total,
+                               enabled=None if progress else False, unit="batch"):
+            model(x.to(device))
+            count += 1
+    return count
 
 
 def _remove(handles: list[Any]) -> None:
