@@ -22,18 +22,33 @@ Failure behaviour (what bounds the time to a non-zero exit):
 * a worker hangs without dying: the others block in their next collective until the
   process-group timeout (``timeout_s``, default :data:`DEFAULT_TIMEOUT_S` = 120 s, set by
   ``--dist-timeout``), then raise, which is the case above.
+
+Which rank failed *first*: torchrun stamps each failure with whole seconds when its agent
+notices the exit, so a rank that raised and a peer whose collective broke because of it
+can tie, and a rank can die of a signal while it tears down after raising. So each worker
+also records the moment an exception leaves :func:`bnlab.train.train` (before it closes
+its process group, so before any peer can fail because of it): :func:`record_failure`
+writes ``rank<R>.json`` (time and the exception's first line) into a folder that
+:func:`launch` creates and names in ``$BNLAB_FAILURE_DIR``. The summary puts recorded
+failures first, in the order they happened, and quotes the exception.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+from bnlab._io import atomic_write_json
 from bnlab.errors import BnlabError
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -41,6 +56,44 @@ DEFAULT_TIMEOUT_S = 120.0
 
 TIMEOUT_ENV = "BNLAB_DIST_TIMEOUT_S"
 """Environment variable through which :func:`launch` passes ``timeout_s`` to the workers."""
+
+FAILURE_DIR_ENV = "BNLAB_FAILURE_DIR"
+"""Environment variable naming the folder where workers record their failures."""
+
+
+class FailureRecord(NamedTuple):
+    """What a worker recorded as it failed: ``time.time()`` and the exception's first line."""
+
+    time: float
+    error: str
+
+
+def record_failure(exc: BaseException) -> None:
+    """In a worker started by :func:`launch`, record that this rank is failing with ``exc``.
+
+    Does nothing outside such a worker. Never raises: if the record cannot be written, the
+    summary falls back to torchrun's own (whole-second) failure times.
+    """
+    folder, rank = os.environ.get(FAILURE_DIR_ENV), os.environ.get("RANK")
+    if not folder or rank is None:
+        return
+    text = str(exc).strip().splitlines()
+    error = type(exc).__name__ + (f": {text[0][:300]}" if text else "")
+    with contextlib.suppress(OSError, ValueError):
+        atomic_write_json(Path(folder) / f"rank{int(rank)}.json",
+                          {"time": time.time(), "error": error})
+
+
+def read_failure_records(folder: str | os.PathLike[str]) -> dict[int, FailureRecord]:
+    """The records :func:`record_failure` left in ``folder``, by rank (unreadable ones skipped)."""
+    records: dict[int, FailureRecord] = {}
+    for path in Path(folder).glob("rank*.json"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            records[int(path.stem[4:])] = FailureRecord(float(data["time"]), str(data["error"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return records
 
 
 def default_backend() -> str:
@@ -122,44 +175,60 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOU
     from torch.distributed.run import parse_args, run
 
     args = parse_args(torchrun_args(nproc, argv))
-    saved = os.environ.get(TIMEOUT_ENV)
-    os.environ[TIMEOUT_ENV] = repr(float(timeout_s))
-    try:
-        run(args)
-    except ChildFailedError as exc:
-        print(failure_message(exc.failures, nproc=nproc), file=sys.stderr, flush=True)
-        root = exc.failures[_root_causes(exc.failures)[0]]
-        return root.exitcode if root.exitcode > 0 else 1
-    except SignalException as exc:  # the launcher itself got SIGTERM/SIGINT/…
-        print(f"bnlab: launcher stopped by signal {exc.sigval.name}; workers were stopped",
-              file=sys.stderr, flush=True)
-        return 128 + int(exc.sigval)
-    finally:
-        if saved is None:
-            os.environ.pop(TIMEOUT_ENV, None)
-        else:
-            os.environ[TIMEOUT_ENV] = saved
+    with tempfile.TemporaryDirectory(prefix="bnlab-failures-") as folder:
+        env = {TIMEOUT_ENV: repr(float(timeout_s)), FAILURE_DIR_ENV: folder}
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            run(args)
+        except ChildFailedError as exc:
+            records = read_failure_records(folder)
+            print(failure_message(exc.failures, nproc=nproc, records=records),
+                  file=sys.stderr, flush=True)
+            root = exc.failures[_root_causes(exc.failures, records)[0]]
+            return root.exitcode if root.exitcode > 0 else 1
+        except SignalException as exc:  # the launcher itself got SIGTERM/SIGINT/…
+            print(f"bnlab: launcher stopped by signal {exc.sigval.name}; workers were stopped",
+                  file=sys.stderr, flush=True)
+            return 128 + int(exc.sigval)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return 0
 
 
-def failure_message(failures: dict[int, Any], *, nproc: int) -> str:
+def failure_message(
+    failures: dict[int, Any], *, nproc: int, records: dict[int, FailureRecord] | None = None
+) -> str:
     """One line per failed worker, the root cause first: its rank, exit code or signal.
 
     ``failures`` maps global rank to torch's ``ProcessFailure`` (``exitcode``, negative for
     a signal; ``timestamp``; ``signal_name()``). torchrun stops the surviving workers with
     SIGTERM once one has failed and reports them as failures too, so a worker that died of
-    SIGTERM is only the root cause when every failure is a SIGTERM; among the others the
-    earliest (then the lowest rank) comes first. ``nproc`` is the number of workers.
+    SIGTERM is only a failure of its own when it recorded an exception, or when every
+    failure is a SIGTERM. ``records`` (from :func:`read_failure_records`) are the exceptions
+    the workers recorded: those ranks come first, in the order they raised, and the line
+    quotes the exception; the others follow, earliest (then lowest rank) first.
+    ``nproc`` is the number of workers.
     """
     if not failures:
         raise ValueError("failure_message needs at least one failure")
-    real = _root_causes(failures)
+    records = records or {}
+    real = _root_causes(failures, records)
     lines = []
     for i, rank in enumerate(real):
         f = failures[rank]
         how = (f"was killed by {f.signal_name()}" if f.exitcode < 0
                else f"exited with code {f.exitcode}")
-        note = " (first failure; its traceback, if any, is above)" if i == 0 else ""
+        raised = f"it raised {records[rank].error}" if rank in records else ""
+        if i == 0:
+            note = f" (first failure; {raised}; traceback above)" if raised else \
+                " (first failure; its traceback, if any, is above)"
+        else:
+            note = f" ({raised})" if raised else ""
         lines.append(f"bnlab: rank {rank} failed: it {how}{note}")
     stopped = sorted(set(failures) - set(real))
     if stopped:
@@ -168,8 +237,14 @@ def failure_message(failures: dict[int, Any], *, nproc: int) -> str:
     return "\n".join(lines)
 
 
-def _root_causes(failures: dict[int, Any]) -> list[int]:
-    """The failed ranks that were not torchrun's SIGTERM teardown, earliest first."""
+def _root_causes(failures: dict[int, Any], records: dict[int, FailureRecord]) -> list[int]:
+    """The failed ranks that were not torchrun's SIGTERM teardown, earliest first.
+
+    Ranks with a record come first, ordered by the recorded (sub-second) time.
+    """
     sigterm = -int(signal.SIGTERM)
-    real = [r for r in failures if failures[r].exitcode != sigterm] or list(failures)
-    return sorted(real, key=lambda r: (failures[r].timestamp, r))
+    real = [r for r in failures if failures[r].exitcode != sigterm or r in records]
+    real = real or list(failures)
+    never = float("inf")
+    return sorted(real, key=lambda r: (records[r].time if r in records else never,
+                                       failures[r].timestamp, r))

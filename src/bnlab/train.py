@@ -48,6 +48,7 @@ from torch.utils.data import TensorDataset
 from bnlab import __version__
 from bnlab._io import append_jsonl, atomic_path, atomic_write_json
 from bnlab._progress import Progress
+from bnlab.distributed import record_failure
 from bnlab.errors import BnlabError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -406,6 +407,10 @@ def train(
         return _train(config, out_dir, progress=progress, overwrite=overwrite, data=data,
                       data_dir=data_dir, download=download, dist_info=dist_info,
                       t_start=t_start)
+    except BaseException as exc:
+        if dist_info.world > 1:
+            record_failure(exc)  # before the group closes below, so before a peer can fail
+        raise
     finally:
         torch.set_num_threads(threads)
         if dist_info.owns_group:
