@@ -143,3 +143,29 @@ def test_bad_virtual_batch_size_raises():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="virtual_batch_size"):
             GhostBatchNorm2d(3, bad)
+
+
+@pytest.mark.parametrize("n", [12, 13])
+@pytest.mark.parametrize("layout", ["channels_last", "batch-strided"])
+def test_non_contiguous_input_gives_the_contiguous_result(n, layout):
+    torch.manual_seed(6)
+    a, _ = _pair(GhostBatchNorm2d, nn.BatchNorm2d, 4)
+    c, _ = _pair(GhostBatchNorm2d, nn.BatchNorm2d, 4)
+    c.load_state_dict(a.state_dict())
+    base = torch.randn(n, 3, 4, 5, dtype=torch.float64) * 2 + 1
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.cat([base, base], dim=3)[..., ::2]  # every other column: a strided view
+        base = x.contiguous()
+    assert not x.is_contiguous()
+    x.requires_grad_()
+    xc = base.clone().requires_grad_()
+    g = torch.randn(n, 3, 4, 5, dtype=torch.float64)
+    y, yc = a(x), c(xc)
+    torch.testing.assert_close(y, yc, **TOL)
+    for u, v in zip(_grads(y, [x, a.weight, a.bias], g), _grads(yc, [xc, c.weight, c.bias], g),
+                    strict=True):
+        torch.testing.assert_close(u, v, **TOL)
+    for key in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(a, key), getattr(c, key), **TOL)

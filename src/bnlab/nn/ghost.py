@@ -122,9 +122,14 @@ class _GhostBatchNorm(GuardedBatchNorm):
         if v >= n:
             k, v = 1, n  # one chunk: exactly BatchNorm
         groups: list[Tensor] = []
-        if k:
-            groups.append(x[: k * v].reshape(k, v, *x.shape[1:]))
-        if tail:
+        if not tail:
+            # No slicing: autograd's backward of x[:n] allocates a zero tensor of x's size
+            # and copies the gradient into it, an extra two passes over memory.
+            groups.append(x.view(k, v, *x.shape[1:]) if x.is_contiguous()
+                          else x.reshape(k, v, *x.shape[1:]))
+        else:
+            if k:
+                groups.append(x[: k * v].reshape(k, v, *x.shape[1:]))
             groups.append(x[k * v :].unsqueeze(0))
         outs, means, variances, counts = [], [], [], []
         for xg in groups:  # at most two vectorised groups, never one per chunk
