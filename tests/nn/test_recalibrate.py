@@ -150,3 +150,77 @@ def test_bad_input_raises():
         recalibrate_bn(_model(), [torch.randn(3, 5)], num_batches=0, progress=False)
     with pytest.raises(ValueError, match="at least 2"):
         recalibrate_bn(_model(), [torch.randn(1, 5, dtype=torch.float64)], progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_every_input_layout_and_dtype_gives_the_population_stats(dtype, layout):
+    """Contiguous float32/float64 inputs take torch's BN statistics kernel; channels-last
+    (and other dtypes) the float64 two-pass path. Both give the population statistics: to
+    1e-10 in float64, to float32 rounding in float32, on data far from zero mean."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 3, 3)
+    model = nn.Sequential(conv, nn.BatchNorm2d(3)).to(dtype)
+    data = torch.randn(50, 2, 9, 9, dtype=dtype) * 0.5 + 3
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        data = data.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        feats = conv(data)
+    assert feats.is_contiguous() == (layout == "contiguous")
+    ref = feats.double().permute(1, 0, 2, 3).reshape(3, -1)
+    recalibrate_bn(model, torch.split(data, 7), progress=False)
+    tol = TOL if dtype == torch.float64 else {"atol": 0.0, "rtol": 1e-6}
+    torch.testing.assert_close(model[1].running_mean.double(), ref.mean(1), **tol)
+    torch.testing.assert_close(model[1].running_var.double(), ref.var(1), **tol)
+
+
+class _Count(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_later_passes_stop_at_their_layer_unless_it_is_called_again():
+    """Layerwise passes 2.. end the forward at their layer (nothing after it is needed),
+    except for a layer the forward calls twice, which needs both calls' inputs."""
+    torch.manual_seed(4)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn1 = nn.Linear(3, 4), nn.BatchNorm1d(4)
+            self.b, self.bn2, self.after2 = nn.Linear(4, 4), nn.BatchNorm1d(4), _Count()
+            self.c, self.d = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.shared, self.after3 = nn.BatchNorm1d(4), _Count()
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.a(x)))
+            h = self.after2(torch.relu(self.bn2(self.b(h))))
+            return self.after3(self.shared(self.c(h)) + self.shared(self.d(h)))
+
+    net = Net().double()
+    data = torch.randn(30, 3, dtype=torch.float64) * 2 + 1
+    recalibrate_bn(net, torch.split(data, 10), progress=False)
+    # 3 batches: pass 1 (bn1) runs to the end, pass 2 (bn2) stops at bn2, pass 3 (shared)
+    # runs to the end because the shared layer is called twice
+    assert net.after2.calls == 3 + 0 + 3
+    assert net.after3.calls == 3 + 0 + 3
+    # every layer's statistics are its population statistics at inference, both calls of
+    # the shared layer included
+    seen: dict[str, list[torch.Tensor]] = {"bn1": [], "bn2": [], "shared": []}
+    handles = [getattr(net, k).register_forward_pre_hook(
+        lambda m, a, k=k: seen[k].append(a[0])) for k in seen]
+    net.eval()
+    with torch.no_grad():
+        net(data)
+    for h in handles:
+        h.remove()
+    for key, inputs in seen.items():
+        x = torch.cat(inputs)
+        torch.testing.assert_close(getattr(net, key).running_mean, x.mean(0), **TOL)
+        torch.testing.assert_close(getattr(net, key).running_var, x.var(0), **TOL)

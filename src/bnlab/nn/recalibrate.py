@@ -6,6 +6,7 @@ behind the weights; averaging over many batches after training fixes that.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -16,6 +17,9 @@ from torch import Tensor, nn
 from bnlab._progress import progress as progress_iter
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.replace import batchnorm_layers
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+_FAST_DEVICES = ("cpu", "cuda")
 
 
 class _Moments:
@@ -32,13 +36,23 @@ class _Moments:
         self.m2: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().double()
-        dims = [0, *range(2, x.dim())]
+        x = x.detach()
         n_b = x.numel() // x.shape[1] if x.dim() >= 2 and x.shape[1] else 0
         if n_b == 0:
             return
-        mean_b = x.mean(dim=dims)
-        m2_b = ((x - mean_b.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).sum(dim=dims)
+        if x.is_contiguous() and x.dtype in _FAST_DTYPES and x.device.type in _FAST_DEVICES:
+            # torch's own BN statistics kernel: mean and biased variance in two passes over
+            # x, without copies (measured on (512, 32, 28, 28) float32 with mean 3, std 0.5:
+            # relative error 8e-8, i.e. float32 rounding; 10x faster than the path below).
+            mean32, var32 = torch.batch_norm_update_stats(x, None, None, 0.0)
+            mean_b, m2_b = mean32.double(), var32.double() * n_b
+        else:
+            # Any other layout or dtype (channels-last, float16, ...): two passes in float64.
+            # (torch's kernel is less accurate on channels-last, 5e-5 relative.)
+            x = x.double()
+            dims = [0, *range(2, x.dim())]
+            mean_b = x.mean(dim=dims)
+            m2_b = ((x - mean_b.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).sum(dim=dims)
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n_b, mean_b, m2_b
             return
@@ -78,8 +92,9 @@ def recalibrate_bn(
 
     (unbiased, torch's convention for ``running_var``). Batches of different sizes are
     weighted by their number of values: the result depends only on the samples, not on how
-    they were split. Numerics: per-layer count/mean/M2 in float64 via forward pre-hooks,
-    merged with Chan's parallel formula.
+    they were split. Numerics: each batch's per-channel mean and M2 (torch's BN statistics
+    kernel for contiguous float32/float64 inputs, else two float64 passes), merged in float64
+    with Chan's parallel formula, via forward pre-hooks.
 
     The model runs in eval mode under ``torch.no_grad()``: every layer behaves as at
     inference (dropout off, BN normalising with running statistics), so each layer's input
@@ -89,9 +104,10 @@ def recalibrate_bn(
     order the forward pass reaches them, one pass over the data each. A layer's statistics
     are therefore computed from inputs that the *new* statistics of the layers before it
     produce: after the call, every layer's running statistics are exactly the population
-    statistics of what it receives at inference. This costs one pass per BN layer; the
-    inputs are kept in memory after the first pass (bound it with ``num_batches``), so a
-    generator or a shuffling DataLoader is read only once.
+    statistics of what it receives at inference. This costs one pass per BN layer, and each
+    pass after the first stops at its layer (unless the forward calls that layer more than
+    once); the inputs are kept in memory after the first pass (bound it with
+    ``num_batches``), so a generator or a shuffling DataLoader is read only once.
 
     ``layerwise=False``: one pass for all layers. Deeper layers then see inputs normalised
     with the upstream layers' *old* statistics: cheaper, and the same when those were
@@ -141,6 +157,7 @@ def recalibrate_bn(
     modes = {m: m.training for m in model.modules()}
     saved = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
     reached: dict[int, tuple[str, Any]] = {}  # id -> layer, in the order the forward reaches
+    calls: dict[int, int] = {}  # id -> how many times pass 1 called the layer
     handles: list[Any] = []
     done = False
     try:
@@ -153,6 +170,7 @@ def recalibrate_bn(
 
             def first_pass_hook(mod: nn.Module, args: Any, entry: tuple[str, Any] = entry) -> None:
                 reached.setdefault(id(mod), entry)
+                calls[id(mod)] = calls.get(id(mod), 0) + 1
                 if kept is None or next(iter(reached)) == id(mod):
                     moments[id(mod)].add(args[0])
 
@@ -162,7 +180,8 @@ def recalibrate_bn(
             total = len(batches)  # type: ignore[arg-type]
         source = batches if num_batches is None else itertools.islice(batches, num_batches)
         passes = "" if kept is None else f" (pass 1 of {len(layers)})"
-        if _run(model, _inputs(source, kept), device, passes, total, progress) == 0:
+        ran = _run(model, _inputs(source, kept), device, passes, total, progress)
+        if ran == 0:
             raise ValueError("recalibrate_bn got no batches")
         _remove(handles)
         order = [*reached.values(), *(e for e in layers if id(e[1]) not in reached)]
@@ -173,8 +192,18 @@ def recalibrate_bn(
             _write(*order[0], moments[id(order[0][1])])
             for i, (name, layer) in enumerate(order[1:], start=2):
                 acc = _Moments()
-                handles.append(layer.register_forward_pre_hook(
-                    lambda mod, args, acc=acc: acc.add(args[0])))
+                # A layer called once per forward ends the forward there: what follows it
+                # is not needed (a deep network costs half the passes' compute). A layer
+                # called more often (a shared module) needs every call: the forward runs on.
+                stop = calls.get(id(layer), 0) == ran
+
+                def hook(mod: nn.Module, args: Any, acc: _Moments = acc, stop: bool = stop
+                         ) -> None:
+                    acc.add(args[0])
+                    if stop:
+                        raise _StopForward
+
+                handles.append(layer.register_forward_pre_hook(hook))
                 _run(model, kept, device, f" (pass {i} of {len(order)})", len(kept), progress)
                 _remove(handles)
                 _write(name, layer, acc)
@@ -207,9 +236,15 @@ def _run(model: nn.Module, inputs: Iterable[Tensor], device: torch.device, passe
     with torch.no_grad():
         for x in progress_iter(inputs, "recalibrate BN" + passes, total=total,
                                enabled=None if progress else False, unit="batch"):
-            model(x.to(device))
+            with contextlib.suppress(_StopForward):
+                model(x.to(device))
             count += 1
     return count
+
+
+class _StopForward(BaseException):
+    """Raised by a pass's hook once its layer's input is measured, to skip the rest of the
+    forward. A BaseException, so that a model's own ``except Exception`` lets it through."""
 
 
 def _remove(handles: list[Any]) -> None:
