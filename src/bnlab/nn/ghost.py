@@ -26,9 +26,16 @@ _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, ar
     * rest ≥ 2: k chunks of V plus one smaller chunk of ``rest`` samples;
     * V ≥ N: one chunk, and the layer is exactly BatchNorm (forward, backward, running stats).
 
-    The chunks are normalised in at most two vectorised groups (the k' equal chunks in one
-    call of torch's BatchNorm kernel on a (V, k'·C, ...) rearrangement, and the odd last
-    chunk); there is no Python loop over chunks.
+    Vectorised: there is no Python loop over chunks. With at least 8 positions per channel
+    (L = H·W, D·H·W or the length), every (sample, channel) row's mean and variance come
+    from one call of torch's BN statistics kernel, are merged into each chunk's statistics
+    exactly (Chan's formula), and one broadcast multiply-add normalises the whole batch;
+    backward reduces Σdy and Σdy·(x − μ_chunk) per row in one call of torch's BN backward
+    kernel. Nothing is copied, so a training step costs about what ``nn.BatchNorm{dim}d``
+    costs. With fewer positions (BatchNorm1d on (N, C), say) the equal chunks are instead
+    rearranged to (V, k·C, ...) and normalised in one call of torch's BN kernel, the odd last
+    chunk in a second. Both routes give the same numbers (tested to 1e-10 in float64), and
+    both support double backward (``create_graph=True``).
 
     Running statistics: one update per training forward, from the *whole* batch — the
     count-weighted mean of the chunk means and the unbiased variance of all N samples, merged
@@ -121,50 +128,18 @@ class _GhostBatchNorm(GuardedBatchNorm):
             return self._eval_forward(x)
         if v >= n:
             k, v = 1, n  # one chunk: exactly BatchNorm
-        groups: list[Tensor] = []
-        if not tail:
-            # No slicing: autograd's backward of x[:n] allocates a zero tensor of x's size
-            # and copies the gradient into it, an extra two passes over memory.
-            groups.append(x.view(k, v, *x.shape[1:]) if x.is_contiguous()
-                          else x.reshape(k, v, *x.shape[1:]))
+        if per_sample >= ROWS_MIN_LENGTH:
+            chunk = _chunk_ids(n, v, k + (1 if tail else 0), x.device)
+            out, means, variances = _GhostRows.apply(x, self.weight, self.bias, chunk, self.eps,
+                                                     (v, k, tail))
+            sizes = [v] * k + ([n - k * v] if tail else [])
         else:
-            if k:
-                groups.append(x[: k * v].reshape(k, v, *x.shape[1:]))
-            groups.append(x[k * v :].unsqueeze(0))
-        outs, means, variances, counts = [], [], [], []
-        for xg in groups:  # at most two vectorised groups, never one per chunk
-            out, mean, var = self._normalise_chunks(xg)
-            outs.append(out)
-            means.append(mean)
-            variances.append(var)
-            counts.extend([xg.shape[1] * per_sample] * xg.shape[0])
+            out, means, variances, sizes = _ghost_by_rearranging(
+                x, self.weight, self.bias, v, k, tail, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
-                self._update_from_chunks(torch.cat(means), torch.cat(variances), counts)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-
-    def _normalise_chunks(self, xg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalise m equal chunks (m, size, C, ...) at once; (output, means, biased vars).
-
-        (m, size, C, ...) is rearranged to (size, m·C, ...): chunk j's channel c becomes
-        channel j·C + c of one batch, and torch's own BatchNorm kernel (with γ, β repeated
-        m times) normalises every chunk in one call. This costs a transpose copy in and out
-        (none for m = 1) and is much faster than composing the normalisation from
-        elementwise ops. The kernel returns each chunk's mean and 1/sqrt(σ² + eps); σ² is
-        recovered as invstd⁻² − eps (clamped at 0) for the running statistics.
-        """
-        m, size, c = xg.shape[0], xg.shape[1], self.num_features
-        spatial = xg.shape[3:]
-        xt = xg.transpose(0, 1).reshape(size, m * c, *spatial)
-        weight = self.weight.repeat(m) if self.weight is not None else None
-        bias = self.bias.repeat(m) if self.bias is not None else None
-        out, mean, invstd = torch.native_batch_norm(
-            xt, weight, bias, None, None, True, 0.0, self.eps
-        )
-        out = out.view(size, m, c, *spatial).transpose(0, 1).reshape(m * size, c, *spatial)
-        with torch.no_grad():
-            var = (invstd.double().pow(-2) - self.eps).clamp_min(0.0).view(m, c)
-        return out, mean.detach().view(m, c), var
+                self._update_from_chunks(means, variances, [s * per_sample for s in sizes])
+        return out
 
     def _update_from_chunks(self, means: Tensor, variances: Tensor, counts: list[int]) -> None:
         """Merge per-chunk (mean, biased var) into the whole batch's mean and unbiased var.
@@ -177,6 +152,163 @@ class _GhostBatchNorm(GuardedBatchNorm):
         mean = (n_i * mu_i).sum(0) / total
         m2 = (n_i * variances.double()).sum(0) + (n_i * (mu_i - mean) ** 2).sum(0)
         self._update_running(mean, m2 / (total - 1))
+
+
+ROWS_MIN_LENGTH = 8
+"""Positions per channel from which the row-statistics route is used (see the class doc).
+
+Measured (2 threads, forward+backward against nn.BatchNorm*): the row route is 1.1x on
+(64, 64, 28, 28) against 2.2x by rearranging, and equal at 4 positions; on (4096, 1024) (one
+position) the per-row kernel overhead makes it 9x against 2.1x."""
+
+_bn_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def _chunk_ids(n: int, v: int, num_chunks: int, device: Any) -> Tensor:
+    """Each sample's chunk: consecutive runs of v, the last chunk taking any leftover."""
+    return (torch.arange(n, device=device) // v).clamp_(max=num_chunks - 1)
+
+
+def _per_sample(per_chunk: Tensor, chunk: Tensor) -> Tensor:
+    """(K, C) per-chunk values as (N, C, 1), to broadcast over each sample's positions."""
+    return per_chunk.index_select(0, chunk).unsqueeze(2)
+
+
+def _chunk_sum(per_row: Tensor, chunk: Tensor, num_chunks: int) -> Tensor:
+    """Sum (N, C) per-sample values over each chunk's samples: (K, C)."""
+    out = per_row.new_zeros(num_chunks, per_row.shape[1])
+    return out.index_add_(0, chunk, per_row)
+
+
+class _GhostRows(torch.autograd.Function):
+    """Ghost BN from per-(sample, channel) row statistics, for contiguous (N, C, L) views.
+
+    Forward: each row's mean m_r and biased variance s_r over its L positions (torch's BN
+    statistics kernel on the (1, N·C, L) view, no copy); chunk j's mean and variance are
+    μ_j = mean of its rows' m_r and σ_j² = mean of s_r + mean of (m_r − μ_j)² (exact); then
+    y = x·scale + shift with scale = γ/sqrt(σ_j² + eps), shift = β − μ_j·scale per sample.
+
+    Backward: torch's BN backward kernel on the same view, given μ_j as each row's mean and
+    1 as its invstd, returns each row's Σdy and Σdy·(x − μ_j) in one pass; summed per chunk
+    they give dγ, dβ and dx = a·dy + b·x + c with per-chunk a, b, c. Under
+    ``create_graph=True`` the gradients are instead taken through the rearranging route, so
+    double backward is exact too.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                chunk: Tensor, eps: float, layout: tuple[int, int, int]
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        n, c = x.shape[0], x.shape[1]
+        x3 = x.contiguous().view(n, c, -1)  # channels-last and other strides: one copy
+        num_chunks = int(chunk[-1]) + 1
+        size = torch.bincount(chunk, minlength=num_chunks).to(x.dtype).unsqueeze(1)
+        row_mean, row_var = torch.batch_norm_update_stats(
+            x3.view(1, n * c, -1), None, None, 0.0)
+        row_mean, row_var = row_mean.view(n, c), row_var.view(n, c)
+        mean = _chunk_sum(row_mean, chunk, num_chunks) / size
+        spread = (row_mean - mean.index_select(0, chunk)).square_()
+        var = _chunk_sum(row_var + spread, chunk, num_chunks) / size
+        invstd = (var + eps).rsqrt()
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        y = torch.addcmul(_per_sample(shift, chunk), x3, _per_sample(scale, chunk))
+        ctx.save_for_backward(x, x3, weight, bias, chunk, mean, invstd)
+        ctx.eps, ctx.layout = eps, layout  # (v, k, tail) of ghost_chunks, for double backward
+        ctx.mark_non_differentiable(mean, var)
+        return y.view(x.shape), mean, var
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
+        x, x3, weight, bias, chunk, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable form
+            return _double_backward_form(ctx, x, weight, bias, dy)
+        n, c = x.shape[0], x.shape[1]
+        dy3 = dy.contiguous().view(n, c, -1)
+        num_chunks = mean.shape[0]
+        row_mu = mean.index_select(0, chunk).reshape(-1)
+        _, row_dot, row_sum = _bn_backward(
+            dy3.view(1, n * c, -1), x3.view(1, n * c, -1), None, None, None, row_mu,
+            torch.ones_like(row_mu), True, 0.0, [False, True, True])
+        sum_dy = _chunk_sum(row_sum.view(n, c), chunk, num_chunks)
+        sum_dy_xmu = _chunk_sum(row_dot.view(n, c), chunk, num_chunks)
+        m = torch.bincount(chunk, minlength=num_chunks).to(x.dtype).unsqueeze(1) * x3.shape[2]
+        # dx = γ·invstd·(dy − Σdy/m − (x − μ)·invstd²·Σdy(x − μ)/m) = a·dy + b·x + c
+        a = invstd if weight is None else invstd * weight
+        b = -a * invstd.square() * sum_dy_xmu / m
+        cc = -a * sum_dy / m - b * mean
+        dx = torch.addcmul(_per_sample(cc, chunk), dy3, _per_sample(a, chunk))
+        dx.addcmul_(x3, _per_sample(b, chunk))
+        dweight = (sum_dy_xmu * invstd).sum(0) if weight is not None else None
+        dbias = sum_dy.sum(0) if bias is not None else None
+        return dx.view(x.shape), dweight, dbias, None, None, None
+
+
+def _double_backward_form(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                          dy: Tensor) -> tuple[Any, ...]:
+    """The first derivatives as differentiable functions of x, γ, β and dy (for
+    ``create_graph=True``): autograd through the rearranging route, which computes the
+    same forward from differentiable ops."""
+    v, k, tail = ctx.layout
+    needed = [need and t is not None
+              for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)]
+    wanted = [t for t, need in zip((x, weight, bias), needed, strict=True)
+              if need and t is not None]
+    with torch.enable_grad():
+        out, _, _, _ = _ghost_by_rearranging(x, weight, bias, v, k, tail, ctx.eps)
+        grads = iter(torch.autograd.grad(out, wanted, dy, create_graph=True))
+    first = [next(grads) if need else None for need in needed]
+    return (*first, None, None, None)
+
+
+def _ghost_by_rearranging(x: Tensor, weight: Tensor | None, bias: Tensor | None, v: int,
+                          k: int, tail: int, eps: float
+                          ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Ghost BN from differentiable ops: k chunks of v, then one of ``tail`` (0: none).
+
+    Returns (output, per-chunk means, per-chunk biased variances, chunk sizes).
+    """
+    n = x.shape[0]
+    groups: list[Tensor] = []
+    if not tail:
+        # No slicing: autograd's backward of x[:n] allocates a zero tensor of x's size
+        # and copies the gradient into it, an extra two passes over memory.
+        groups.append(x.reshape(k, v, *x.shape[1:]))
+    else:
+        if k:
+            groups.append(x[: k * v].reshape(k, v, *x.shape[1:]))
+        groups.append(x[k * v :].unsqueeze(0))
+    outs, means, variances = [], [], []
+    for xg in groups:  # at most two vectorised groups, never one per chunk
+        out, mean, var = _normalise_equal_chunks(xg, weight, bias, eps)
+        outs.append(out)
+        means.append(mean)
+        variances.append(var)
+    sizes = [v] * k + ([n - k * v] if tail else [])
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    return out, torch.cat(means), torch.cat(variances), sizes
+
+
+def _normalise_equal_chunks(xg: Tensor, weight: Tensor | None, bias: Tensor | None,
+                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalise m equal chunks (m, size, C, ...) at once; (output, means, biased vars).
+
+    (m, size, C, ...) is rearranged to (size, m·C, ...): chunk j's channel c becomes
+    channel j·C + c of one batch, and torch's own BatchNorm kernel (with γ, β repeated
+    m times) normalises every chunk in one call. This costs a transpose copy in and out
+    (none for m = 1). The kernel returns each chunk's mean and 1/sqrt(σ² + eps); σ² is
+    recovered as invstd⁻² − eps (clamped at 0) for the running statistics.
+    """
+    m, size, c = xg.shape[0], xg.shape[1], xg.shape[2]
+    spatial = xg.shape[3:]
+    xt = xg.transpose(0, 1).reshape(size, m * c, *spatial)
+    w = weight.repeat(m) if weight is not None else None
+    b = bias.repeat(m) if bias is not None else None
+    out, mean, invstd = torch.native_batch_norm(xt, w, b, None, None, True, 0.0, eps)
+    out = out.view(size, m, c, *spatial).transpose(0, 1).reshape(m * size, c, *spatial)
+    with torch.no_grad():
+        var = (invstd.double().pow(-2) - eps).clamp_min(0.0).view(m, c)
+    return out, mean.detach().view(m, c), var
 
 
 def _doc(dim: int) -> str:
