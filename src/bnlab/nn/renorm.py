@@ -38,10 +38,13 @@ _DOC = """Batch Renormalization over a {shape} input (Ioffe 2017, arXiv:1702.032
     together), so the keys stay exactly torch's. With ``r_max=1, d_max=0`` the layer *is*
     BatchNorm: forward, backward and running statistics.
 
-    Numerics: the normalisation itself runs in torch's BatchNorm kernel with the per-channel
-    affine ``γ·r`` and ``γ·d + β``; μ_B and σ_B² for r, d and the running update come from a
-    separate statistics pass without gradient. r and d are detached as in the paper: the
-    gradient treats them as constants.
+    Numerics and speed: μ_B and σ_B² come from one pass of torch's BN statistics kernel and
+    serve r, d, the running update and the normalisation, which is BatchNorm with the
+    per-channel affine ``γ·r`` and ``γ·d + β`` (torch's BN kernels forward and backward, so a
+    step costs what a BatchNorm step costs). r and d are detached as in the paper: the
+    gradient treats them as constants (dγ = r·Σdy·x̂ + d·Σdy). Double backward
+    (``create_graph=True``) works: it differentiates the same maths written with
+    differentiable ops.
 
     Args:
         num_features: C.
@@ -140,14 +143,67 @@ class _BatchRenorm(GuardedBatchNorm):
             r = torch.clamp(torch.sqrt(var + self.eps) / sigma, 1.0 / r_lim, r_lim).to(x.dtype)
             d = torch.clamp((mean - rm) / sigma, -d_lim, d_lim).to(x.dtype)
         # γ((x − μ_B)/σ_B · r + d) + β is BatchNorm with weight γ·r and bias γ·d + β.
-        if self.weight is not None and self.bias is not None:
-            weight, bias = self.weight * r, torch.addcmul(self.bias, self.weight, d)
-        else:
-            weight, bias = r, d
-        out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        out = _Renorm.apply(x, self.weight, self.bias, mean, var, r, d, self.eps)
         if self._update_running(mean, var * (count / (count - 1))):
             self.warmup_step.add_(1).clamp_(max=self.warmup_steps)
         return out
+
+
+def _renorm_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """BatchNorm's per-channel affine that gives renorm: γ·r and γ·d + β (r, d without γ)."""
+    if weight is None or bias is None:
+        return r, d
+    return weight * r, torch.addcmul(bias, weight, d)
+
+
+class _Renorm(torch.autograd.Function):
+    """BatchNorm with affine (γ·r, γ·d + β), normalising with batch statistics computed once.
+
+    ``F.batch_norm(x, None, None, γr, γd + β, training=True)`` would compute μ_B and σ_B²
+    again, after the statistics pass that r and d need. Here the forward normalises with
+    the given (μ_B, σ_B²) in torch's inference kernel, and the backward is torch's training
+    backward given the same μ_B and 1/sqrt(σ_B² + eps): the gradient of training-mode BN.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                var: Tensor, r: Tensor, d: Tensor, eps: float) -> Tensor:
+        w, b = _renorm_affine(weight, bias, r, d)
+        y = F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, bias, mean, var, r, d)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
+        x, weight, bias, mean, var, r, d = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite form
+            return _renorm_double_backward_form(ctx, x, weight, bias, r, d, dy)
+        w, _ = _renorm_affine(weight, bias, r, d)
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        invstd = (var + ctx.eps).rsqrt()
+        dx, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, None, None, mean, invstd, True, ctx.eps,
+            [needs_x, needs_w or needs_b, needs_w or needs_b])
+        dweight = torch.addcmul(g_w * r, g_b, d) if needs_w else None
+        return dx, dweight, g_b if needs_b else None, None, None, None, None, None
+
+
+def _renorm_double_backward_form(ctx: Any, x: Tensor, weight: Tensor | None,
+                                 bias: Tensor | None, r: Tensor, d: Tensor, dy: Tensor
+                                 ) -> tuple[Any, ...]:
+    """First derivatives as differentiable functions (for ``create_graph=True``)."""
+    needed = [need and t is not None
+              for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)]
+    wanted = [t for t, need in zip((x, weight, bias), needed, strict=True)
+              if need and t is not None]
+    with torch.enable_grad():
+        w, b = _renorm_affine(weight, bias, r, d)
+        out = F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
+        grads = iter(torch.autograd.grad(out, wanted, dy, create_graph=True))
+    first = [next(grads) if need else None for need in needed]
+    return (*first, None, None, None, None, None)
 
 
 def _doc(dim: int) -> str:
