@@ -23,6 +23,7 @@ Two guards protect the running statistics (torch has neither):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -223,6 +224,22 @@ class GuardedBatchNorm(nn.Module):
 
     def _train_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def differentiable_grads(forward: Callable[[], Tensor], inputs: Sequence[Tensor | None],
+                         needs: Sequence[bool], dy: Tensor) -> list[Tensor | None]:
+    """Gradients of ``forward()`` with respect to ``inputs``, as differentiable tensors.
+
+    For the custom autograd Functions here under ``create_graph=True`` (double backward):
+    their fast backward is not differentiable, so they recompute the forward from
+    differentiable ops and differentiate that. ``needs`` is ``ctx.needs_input_grad`` for
+    ``inputs``; an input that is not needed (or None) gets None.
+    """
+    needed = [bool(need) and t is not None for t, need in zip(inputs, needs, strict=True)]
+    wanted = [t for t, need in zip(inputs, needed, strict=True) if need and t is not None]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(forward(), wanted, dy, create_graph=True))
+    return [next(grads) if need else None for need in needed]
 
 
 def rank_doc(template: str, dim: int, name: str, **extra: str) -> str:

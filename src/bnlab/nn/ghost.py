@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from bnlab.nn._base import RANKS, GuardedBatchNorm, rank_doc
+from bnlab.nn._base import RANKS, GuardedBatchNorm, differentiable_grads, rank_doc
 
 _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, arXiv:1705.08741).
 
@@ -222,7 +222,11 @@ class _GhostRows(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
         x, x3, weight, bias, chunk, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable form
-            return _double_backward_form(ctx, x, weight, bias, dy)
+            v, k, tail = ctx.layout
+            first = differentiable_grads(
+                lambda: _ghost_by_rearranging(x, weight, bias, v, k, tail, ctx.eps)[0],
+                (x, weight, bias), ctx.needs_input_grad[:3], dy)
+            return (*first, None, None, None)
         n, c = x.shape[0], x.shape[1]
         dy3 = dy.contiguous().view(n, c, -1)
         num_chunks = mean.shape[0]
@@ -242,23 +246,6 @@ class _GhostRows(torch.autograd.Function):
         dweight = (sum_dy_xmu * invstd).sum(0) if weight is not None else None
         dbias = sum_dy.sum(0) if bias is not None else None
         return dx.view(x.shape), dweight, dbias, None, None, None
-
-
-def _double_backward_form(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                          dy: Tensor) -> tuple[Any, ...]:
-    """The first derivatives as differentiable functions of x, γ, β and dy (for
-    ``create_graph=True``): autograd through the rearranging route, which computes the
-    same forward from differentiable ops."""
-    v, k, tail = ctx.layout
-    needed = [need and t is not None
-              for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)]
-    wanted = [t for t, need in zip((x, weight, bias), needed, strict=True)
-              if need and t is not None]
-    with torch.enable_grad():
-        out, _, _, _ = _ghost_by_rearranging(x, weight, bias, v, k, tail, ctx.eps)
-        grads = iter(torch.autograd.grad(out, wanted, dy, create_graph=True))
-    first = [next(grads) if need else None for need in needed]
-    return (*first, None, None, None)
 
 
 def _ghost_by_rearranging(x: Tensor, weight: Tensor | None, bias: Tensor | None, v: int,

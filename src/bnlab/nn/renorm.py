@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from bnlab.nn._base import RANKS, GuardedBatchNorm, rank_doc
+from bnlab.nn._base import RANKS, GuardedBatchNorm, differentiable_grads, rank_doc
 
 _DOC = """Batch Renormalization over a {shape} input (Ioffe 2017, arXiv:1702.03275).
 
@@ -179,7 +179,11 @@ class _Renorm(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
         x, weight, bias, mean, var, r, d = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite form
-            return _renorm_double_backward_form(ctx, x, weight, bias, r, d, dy)
+            first = differentiable_grads(
+                lambda: F.batch_norm(x, None, None, *_renorm_affine(weight, bias, r, d), True,
+                                     0.0, ctx.eps),
+                (x, weight, bias), ctx.needs_input_grad[:3], dy)
+            return (*first, None, None, None, None, None)
         w, _ = _renorm_affine(weight, bias, r, d)
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         invstd = (var + ctx.eps).rsqrt()
@@ -188,22 +192,6 @@ class _Renorm(torch.autograd.Function):
             [needs_x, needs_w or needs_b, needs_w or needs_b])
         dweight = torch.addcmul(g_w * r, g_b, d) if needs_w else None
         return dx, dweight, g_b if needs_b else None, None, None, None, None, None
-
-
-def _renorm_double_backward_form(ctx: Any, x: Tensor, weight: Tensor | None,
-                                 bias: Tensor | None, r: Tensor, d: Tensor, dy: Tensor
-                                 ) -> tuple[Any, ...]:
-    """First derivatives as differentiable functions (for ``create_graph=True``)."""
-    needed = [need and t is not None
-              for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)]
-    wanted = [t for t, need in zip((x, weight, bias), needed, strict=True)
-              if need and t is not None]
-    with torch.enable_grad():
-        w, b = _renorm_affine(weight, bias, r, d)
-        out = F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
-        grads = iter(torch.autograd.grad(out, wanted, dy, create_graph=True))
-    first = [next(grads) if need else None for need in needed]
-    return (*first, None, None, None, None, None)
 
 
 def _doc(dim: int) -> str:
