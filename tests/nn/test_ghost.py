@@ -206,11 +206,14 @@ def test_non_contiguous_input_gives_the_contiguous_result(n, layout):
 
 
 @pytest.mark.usefixtures("route")
-def test_float32_error_is_within_four_times_torchs_own():
-    """Against float64, on data far from zero mean (mean 100, std 1), ghost BN in float32
-    is at most 4x as far off as torch's BatchNorm2d in float32 (one chunk: the same maths)."""
+@pytest.mark.parametrize(("dtype", "mean"), [(torch.float32, 100.0), (torch.float16, 3.0),
+                                             (torch.bfloat16, 3.0)])
+def test_low_precision_error_is_within_four_times_torchs_own(dtype, mean):
+    """Against float64, on data away from zero mean, ghost BN in float32/float16/bfloat16
+    is at most 4x as far off as torch's BatchNorm2d in that dtype (one chunk: the same
+    maths). The module is converted to the dtype too, parameters included."""
     torch.manual_seed(8)
-    x64 = torch.randn(32, 8, 6, 6, dtype=torch.float64) * 1 + 100
+    x64 = (torch.randn(32, 8, 6, 6, dtype=torch.float64) + mean).to(dtype).double()
     g64 = torch.randn_like(x64)
 
     def run(make, dtype):
@@ -224,7 +227,7 @@ def test_float32_error_is_within_four_times_torchs_own():
                                               m.running_var)]
 
     def errors(make):
-        exact, single = run(make, torch.float64), run(make, torch.float32)
+        exact, single = run(make, torch.float64), run(make, dtype)
         return [float((a - b).abs().max() / b.abs().max()) for a, b in zip(single, exact,
                                                                            strict=True)]
 

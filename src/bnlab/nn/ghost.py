@@ -169,9 +169,16 @@ def _chunk_ids(n: int, v: int, num_chunks: int, device: Any) -> Tensor:
     return (torch.arange(n, device=device) // v).clamp_(max=num_chunks - 1)
 
 
-def _per_sample(per_chunk: Tensor, chunk: Tensor) -> Tensor:
-    """(K, C) per-chunk values as (N, C, 1), to broadcast over each sample's positions."""
-    return per_chunk.index_select(0, chunk).unsqueeze(2)
+def _per_sample(per_chunk: Tensor, chunk: Tensor, dtype: torch.dtype) -> Tensor:
+    """(K, C) per-chunk values as (N, C, 1) in ``dtype``, to broadcast over each sample's
+    positions."""
+    return per_chunk.index_select(0, chunk).unsqueeze(2).to(dtype)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and per-chunk coefficients of float16/bfloat16 inputs are kept in float32
+    (as torch's BN keeps its statistics); the elementwise passes stay in the input's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _chunk_sum(per_row: Tensor, chunk: Tensor, num_chunks: int) -> Tensor:
@@ -202,17 +209,19 @@ class _GhostRows(torch.autograd.Function):
         n, c = x.shape[0], x.shape[1]
         x3 = x.contiguous().view(n, c, -1)  # channels-last and other strides: one copy
         num_chunks = int(chunk[-1]) + 1
-        size = torch.bincount(chunk, minlength=num_chunks).to(x.dtype).unsqueeze(1)
+        acc = _accumulation_dtype(x.dtype)
+        size = torch.bincount(chunk, minlength=num_chunks).to(acc).unsqueeze(1)
         row_mean, row_var = torch.batch_norm_update_stats(
             x3.view(1, n * c, -1), None, None, 0.0)
-        row_mean, row_var = row_mean.view(n, c), row_var.view(n, c)
+        row_mean, row_var = row_mean.view(n, c).to(acc), row_var.view(n, c).to(acc)
         mean = _chunk_sum(row_mean, chunk, num_chunks) / size
         spread = (row_mean - mean.index_select(0, chunk)).square_()
         var = _chunk_sum(row_var + spread, chunk, num_chunks) / size
         invstd = (var + eps).rsqrt()
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
-        y = torch.addcmul(_per_sample(shift, chunk), x3, _per_sample(scale, chunk))
+        y = torch.addcmul(_per_sample(shift, chunk, x.dtype), x3,
+                          _per_sample(scale, chunk, x.dtype))
         ctx.save_for_backward(x, x3, weight, bias, chunk, mean, invstd)
         ctx.eps, ctx.layout = eps, layout  # (v, k, tail) of ghost_chunks, for double backward
         ctx.mark_non_differentiable(mean, var)
@@ -230,21 +239,22 @@ class _GhostRows(torch.autograd.Function):
         n, c = x.shape[0], x.shape[1]
         dy3 = dy.contiguous().view(n, c, -1)
         num_chunks = mean.shape[0]
-        row_mu = mean.index_select(0, chunk).reshape(-1)
+        row_mu = mean.index_select(0, chunk).reshape(-1).to(x.dtype)
         _, row_dot, row_sum = _bn_backward(
             dy3.view(1, n * c, -1), x3.view(1, n * c, -1), None, None, None, row_mu,
             torch.ones_like(row_mu), True, 0.0, [False, True, True])
-        sum_dy = _chunk_sum(row_sum.view(n, c), chunk, num_chunks)
-        sum_dy_xmu = _chunk_sum(row_dot.view(n, c), chunk, num_chunks)
-        m = torch.bincount(chunk, minlength=num_chunks).to(x.dtype).unsqueeze(1) * x3.shape[2]
+        acc = mean.dtype
+        sum_dy = _chunk_sum(row_sum.view(n, c).to(acc), chunk, num_chunks)
+        sum_dy_xmu = _chunk_sum(row_dot.view(n, c).to(acc), chunk, num_chunks)
+        m = torch.bincount(chunk, minlength=num_chunks).to(acc).unsqueeze(1) * x3.shape[2]
         # dx = γ·invstd·(dy − Σdy/m − (x − μ)·invstd²·Σdy(x − μ)/m) = a·dy + b·x + c
         a = invstd if weight is None else invstd * weight
         b = -a * invstd.square() * sum_dy_xmu / m
         cc = -a * sum_dy / m - b * mean
-        dx = torch.addcmul(_per_sample(cc, chunk), dy3, _per_sample(a, chunk))
-        dx.addcmul_(x3, _per_sample(b, chunk))
-        dweight = (sum_dy_xmu * invstd).sum(0) if weight is not None else None
-        dbias = sum_dy.sum(0) if bias is not None else None
+        dx = torch.addcmul(_per_sample(cc, chunk, x.dtype), dy3, _per_sample(a, chunk, x.dtype))
+        dx.addcmul_(x3, _per_sample(b, chunk, x.dtype))
+        dweight = (sum_dy_xmu * invstd).sum(0).to(weight.dtype) if weight is not None else None
+        dbias = sum_dy.sum(0).to(bias.dtype) if bias is not None else None
         return dx.view(x.shape), dweight, dbias, None, None, None
 
 
