@@ -31,10 +31,11 @@ _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, ar
     from one call of torch's BN statistics kernel, are merged into each chunk's statistics
     exactly (Chan's formula), and one broadcast multiply-add normalises the whole batch;
     backward reduces Σdy and Σdy·(x − μ_chunk) per row in one call of torch's BN backward
-    kernel. Nothing is copied, so a training step costs about what ``nn.BatchNorm{dim}d``
-    costs. With fewer positions (BatchNorm1d on (N, C), say) the equal chunks are instead
+    kernel. A contiguous input is never copied, so a training step costs about what
+    ``nn.BatchNorm{dim}d`` costs (a channels-last input is copied once). With fewer positions (BatchNorm1d on (N, C), say) the equal chunks are instead
     rearranged to (V, k·C, ...) and normalised in one call of torch's BN kernel, the odd last
-    chunk in a second. Both routes give the same numbers (tested to 1e-10 in float64), and
+    chunk in a second (also on devices other than CPU and CUDA, whose kernels the first
+    route needs). Both routes give the same numbers (tested to 1e-10 in float64), and
     both support double backward (``create_graph=True``).
 
     Running statistics: one update per training forward, from the *whole* batch — the
@@ -128,7 +129,7 @@ class _GhostBatchNorm(GuardedBatchNorm):
             return self._eval_forward(x)
         if v >= n:
             k, v = 1, n  # one chunk: exactly BatchNorm
-        if per_sample >= ROWS_MIN_LENGTH:
+        if per_sample >= ROWS_MIN_LENGTH and x.device.type in ("cpu", "cuda"):
             chunk = _chunk_ids(n, v, k + (1 if tail else 0), x.device)
             out, means, variances = _GhostRows.apply(x, self.weight, self.bias, chunk, self.eps,
                                                      (v, k, tail))
