@@ -32,11 +32,12 @@ _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, ar
     exactly (Chan's formula), and one broadcast multiply-add normalises the whole batch;
     backward reduces Σdy and Σdy·(x − μ_chunk) per row in one call of torch's BN backward
     kernel. A contiguous input is never copied, so a training step costs about what
-    ``nn.BatchNorm{dim}d`` costs (a channels-last input is copied once). With fewer positions (BatchNorm1d on (N, C), say) the equal chunks are instead
-    rearranged to (V, k·C, ...) and normalised in one call of torch's BN kernel, the odd last
-    chunk in a second (also on devices other than CPU and CUDA, whose kernels the first
-    route needs). Both routes give the same numbers (tested to 1e-10 in float64), and
-    both support double backward (``create_graph=True``).
+    ``nn.BatchNorm{dim}d`` costs (a channels-last input is copied once). With fewer
+    positions (BatchNorm1d on (N, C), say) the equal chunks are instead rearranged to
+    (V, k·C, ...) and normalised in one call of torch's BN kernel, the odd last chunk in a
+    second (also on devices other than CPU and CUDA, whose kernels the first route needs).
+    Both routes give the same numbers (tested to 1e-10 in float64), and both support double
+    backward (``create_graph=True``).
 
     Running statistics: one update per training forward, from the *whole* batch — the
     count-weighted mean of the chunk means and the unbiased variance of all N samples, merged
