@@ -134,10 +134,10 @@ class _GhostBatchNorm(GuardedBatchNorm):
             chunk = _chunk_ids(n, v, k + (1 if tail else 0), x.device)
             out, means, variances = _GhostRows.apply(x, self.weight, self.bias, chunk, self.eps,
                                                      (v, k, tail))
-            sizes = [v] * k + ([n - k * v] if tail else [])
         else:
-            out, means, variances, sizes = _ghost_by_rearranging(
+            out, means, variances = _ghost_by_rearranging(
                 x, self.weight, self.bias, v, k, tail, self.eps)
+        sizes = [v] * k + ([tail] if tail else [])
         if self.track_running_stats:
             with torch.no_grad():
                 self._update_from_chunks(means, variances, [s * per_sample for s in sizes])
@@ -210,7 +210,7 @@ class _GhostRows(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         x3 = x.contiguous().view(n, c, -1)  # channels-last and other strides: one copy
-        num_chunks = int(chunk[-1]) + 1
+        num_chunks = layout[1] + (1 if layout[2] else 0)
         acc = _accumulation_dtype(x.dtype)
         size = torch.bincount(chunk, minlength=num_chunks).to(acc).unsqueeze(1)
         row_mean, row_var = torch.batch_norm_update_stats(
@@ -224,14 +224,14 @@ class _GhostRows(torch.autograd.Function):
         shift = -mean * scale if bias is None else bias - mean * scale
         y = torch.addcmul(_per_sample(shift, chunk, x.dtype), x3,
                           _per_sample(scale, chunk, x.dtype))
-        ctx.save_for_backward(x, x3, weight, bias, chunk, mean, invstd)
+        ctx.save_for_backward(x, x3, weight, bias, chunk, mean, invstd, size)
         ctx.eps, ctx.layout = eps, layout  # (v, k, tail) of ghost_chunks, for double backward
         ctx.mark_non_differentiable(mean, var)
         return y.view(x.shape), mean, var
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
-        x, x3, weight, bias, chunk, mean, invstd = ctx.saved_tensors
+        x, x3, weight, bias, chunk, mean, invstd, size = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable form
             v, k, tail = ctx.layout
             first = differentiable_grads(
@@ -248,7 +248,7 @@ class _GhostRows(torch.autograd.Function):
         acc = mean.dtype
         sum_dy = _chunk_sum(row_sum.view(n, c).to(acc), chunk, num_chunks)
         sum_dy_xmu = _chunk_sum(row_dot.view(n, c).to(acc), chunk, num_chunks)
-        m = torch.bincount(chunk, minlength=num_chunks).to(acc).unsqueeze(1) * x3.shape[2]
+        m = size * x3.shape[2]  # values per chunk and channel
         # dx = γ·invstd·(dy − Σdy/m − (x − μ)·invstd²·Σdy(x − μ)/m) = a·dy + b·x + c
         a = invstd if weight is None else invstd * weight
         b = -a * invstd.square() * sum_dy_xmu / m
@@ -261,13 +261,11 @@ class _GhostRows(torch.autograd.Function):
 
 
 def _ghost_by_rearranging(x: Tensor, weight: Tensor | None, bias: Tensor | None, v: int,
-                          k: int, tail: int, eps: float
-                          ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+                          k: int, tail: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Ghost BN from differentiable ops: k chunks of v, then one of ``tail`` (0: none).
 
-    Returns (output, per-chunk means, per-chunk biased variances, chunk sizes).
+    Returns (output, per-chunk means, per-chunk biased variances).
     """
-    n = x.shape[0]
     groups: list[Tensor] = []
     if not tail:
         # No slicing: autograd's backward of x[:n] allocates a zero tensor of x's size
@@ -283,9 +281,8 @@ def _ghost_by_rearranging(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         outs.append(out)
         means.append(mean)
         variances.append(var)
-    sizes = [v] * k + ([n - k * v] if tail else [])
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-    return out, torch.cat(means), torch.cat(variances), sizes
+    return out, torch.cat(means), torch.cat(variances)
 
 
 def _normalise_equal_chunks(xg: Tensor, weight: Tensor | None, bias: Tensor | None,
