@@ -224,3 +224,37 @@ def test_later_passes_stop_at_their_layer_unless_it_is_called_again():
         x = torch.cat(inputs)
         torch.testing.assert_close(getattr(net, key).running_mean, x.mean(0), **TOL)
         torch.testing.assert_close(getattr(net, key).running_var, x.var(0), **TOL)
+
+
+def test_a_layer_called_twice_in_only_some_forwards_is_never_cut_short():
+    """Calls per forward, not calls per batch on average: here the layer runs twice on the
+    first batch, not at all on the second and once on the third (3 calls in 3 batches), and
+    every one of its inputs must count."""
+    torch.manual_seed(5)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn1 = nn.Linear(3, 4), nn.BatchNorm1d(4)
+            self.b, self.c, self.bn2 = nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.a(x)))
+            if len(x) == 4:  # the first batch
+                return self.bn2(self.b(h)) + self.bn2(self.c(h))
+            return self.bn2(self.b(h)) if len(x) == 6 else h
+
+    net = Net().double()
+    batches = [torch.randn(n, 3, dtype=torch.float64) * 2 + 1 for n in (4, 5, 6)]
+    recalibrate_bn(net, batches, progress=False)
+    seen: list[torch.Tensor] = []
+    handle = net.bn2.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    net.eval()
+    with torch.no_grad():
+        for x in batches:
+            net(x)
+    handle.remove()
+    assert len(seen) == 3
+    inputs = torch.cat(seen)
+    torch.testing.assert_close(net.bn2.running_mean, inputs.mean(0), **TOL)
+    torch.testing.assert_close(net.bn2.running_var, inputs.var(0), **TOL)

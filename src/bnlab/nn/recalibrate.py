@@ -157,7 +157,8 @@ def recalibrate_bn(
     modes = {m: m.training for m in model.modules()}
     saved = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
     reached: dict[int, tuple[str, Any]] = {}  # id -> layer, in the order the forward reaches
-    calls: dict[int, int] = {}  # id -> how many times pass 1 called the layer
+    calls: dict[int, int] = {}  # id -> calls in the current forward of pass 1
+    most_calls: dict[int, int] = {}  # id -> most calls in any one forward of pass 1
     handles: list[Any] = []
     done = False
     try:
@@ -171,6 +172,7 @@ def recalibrate_bn(
             def first_pass_hook(mod: nn.Module, args: Any, entry: tuple[str, Any] = entry) -> None:
                 reached.setdefault(id(mod), entry)
                 calls[id(mod)] = calls.get(id(mod), 0) + 1
+                most_calls[id(mod)] = max(most_calls.get(id(mod), 0), calls[id(mod)])
                 if kept is None or next(iter(reached)) == id(mod):
                     moments[id(mod)].add(args[0])
 
@@ -180,8 +182,8 @@ def recalibrate_bn(
             total = len(batches)  # type: ignore[arg-type]
         source = batches if num_batches is None else itertools.islice(batches, num_batches)
         passes = "" if kept is None else f" (pass 1 of {len(layers)})"
-        ran = _run(model, _inputs(source, kept), device, passes, total, progress)
-        if ran == 0:
+        handles.append(model.register_forward_pre_hook(lambda mod, args: calls.clear()))
+        if _run(model, _inputs(source, kept), device, passes, total, progress) == 0:
             raise ValueError("recalibrate_bn got no batches")
         _remove(handles)
         order = [*reached.values(), *(e for e in layers if id(e[1]) not in reached)]
@@ -192,10 +194,10 @@ def recalibrate_bn(
             _write(*order[0], moments[id(order[0][1])])
             for i, (name, layer) in enumerate(order[1:], start=2):
                 acc = _Moments()
-                # A layer called once per forward ends the forward there: what follows it
-                # is not needed (a deep network costs half the passes' compute). A layer
-                # called more often (a shared module) needs every call: the forward runs on.
-                stop = calls.get(id(layer), 0) == ran
+                # A layer called at most once per forward ends the forward there: what
+                # follows it is not needed (a deep network costs half the passes' compute).
+                # A layer called more often (a shared module) needs every call.
+                stop = most_calls.get(id(layer), 0) == 1
 
                 def hook(mod: nn.Module, args: Any, acc: _Moments = acc, stop: bool = stop
                          ) -> None:
