@@ -26,18 +26,15 @@ _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, ar
     * rest ≥ 2: k chunks of V plus one smaller chunk of ``rest`` samples;
     * V ≥ N: one chunk, and the layer is exactly BatchNorm (forward, backward, running stats).
 
-    Vectorised: there is no Python loop over chunks. With at least 8 positions per channel
-    (L = H·W, D·H·W or the length), every (sample, channel) row's mean and variance come
-    from one call of torch's BN statistics kernel, are merged into each chunk's statistics
-    exactly (Chan's formula), and one broadcast multiply-add normalises the whole batch;
-    backward reduces Σdy and Σdy·(x − μ_chunk) per row in one call of torch's BN backward
-    kernel. A contiguous input is never copied, so a training step costs about what
-    ``nn.BatchNorm{dim}d`` costs (a channels-last input is copied once). With fewer
-    positions (BatchNorm1d on (N, C), say) the equal chunks are instead rearranged to
-    (V, k·C, ...) and normalised in one call of torch's BN kernel, the odd last chunk in a
-    second (also on devices other than CPU and CUDA, whose kernels the first route needs).
-    Both routes give the same numbers (tested to 1e-10 in float64), and both support double
-    backward (``create_graph=True``).
+    Vectorised: there is no Python loop over chunks. Every (sample, channel) row's mean and
+    variance over its L positions (L = 1, the length, H·W or D·H·W) are computed at once,
+    merged exactly into each chunk's statistics (Chan's formula), and one broadcast
+    multiply-add normalises the whole batch; backward reduces Σdy and Σdy·(x − μ_chunk) per
+    row, sums them per chunk, and forms dx in two broadcast passes. From 8 positions the row
+    reductions are torch's BN kernels on a (1, N·C, L) view; below, composite ops. A
+    contiguous input is never copied (a channels-last one is, once), so a training step
+    costs about what ``nn.BatchNorm{dim}d`` costs. Double backward (``create_graph=True``)
+    works: it differentiates the same maths written with differentiable ops.
 
     Running statistics: one update per training forward, from the *whole* batch — the
     count-weighted mean of the chunk means and the unbiased variance of all N samples, merged
@@ -130,14 +127,9 @@ class _GhostBatchNorm(GuardedBatchNorm):
             return self._eval_forward(x)
         if v >= n:
             k, v = 1, n  # one chunk: exactly BatchNorm
-        if per_sample >= ROWS_MIN_LENGTH and x.device.type in ("cpu", "cuda"):
-            chunk = _chunk_ids(n, v, k + (1 if tail else 0), x.device)
-            out, means, variances = _GhostRows.apply(x, self.weight, self.bias, chunk, self.eps,
-                                                     (v, k, tail))
-        else:
-            out, means, variances = _ghost_by_rearranging(
-                x, self.weight, self.bias, v, k, tail, self.eps)
-        sizes = [v] * k + ([tail] if tail else [])
+        chunks = _Chunks(n, v, k, tail)
+        out, means, variances = _GhostFunction.apply(x, self.weight, self.bias, chunks, self.eps)
+        sizes = chunks.sizes
         if self.track_running_stats:
             with torch.no_grad():
                 self._update_from_chunks(means, variances, [s * per_sample for s in sizes])
@@ -157,24 +149,50 @@ class _GhostBatchNorm(GuardedBatchNorm):
 
 
 ROWS_MIN_LENGTH = 8
-"""Positions per channel from which the row-statistics route is used (see the class doc).
+"""Positions per channel from which the row reductions use torch's BN kernels (CPU, CUDA).
 
-Measured (2 threads, forward+backward against nn.BatchNorm*): the row route is 1.1x on
-(64, 64, 28, 28) against 2.2x by rearranging, and equal at 4 positions; on (4096, 1024) (one
-position) the per-row kernel overhead makes it 9x against 2.1x."""
+Measured (2 threads, forward+backward against nn.BatchNorm*, kernels / composite):
+(64, 64, 28, 28) 1.08x / 1.41x; (512, 256, 8) 1.11x / 1.36x; (512, 256, 4) 1.12x / 0.92x;
+(4096, 1024), one position, 10.7x / 2.3x (the kernels' cost per row dominates)."""
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward
 
 
-def _chunk_ids(n: int, v: int, num_chunks: int, device: Any) -> Tensor:
-    """Each sample's chunk: consecutive runs of v, the last chunk taking any leftover."""
-    return (torch.arange(n, device=device) // v).clamp_(max=num_chunks - 1)
+class _Chunks:
+    """A batch's chunks as at most two groups of equal chunks: k of v samples, then one of
+    ``tail`` (0: none). A (N, C, L) tensor is seen group by group as (m, size, C, L) views,
+    and a (K, C) per-chunk value as (m, 1, C, 1), so per-chunk work broadcasts without
+    gathering anything per sample."""
 
+    def __init__(self, n: int, v: int, k: int, tail: int) -> None:
+        self.groups = [(0, k * v, k, v)] if k else []  # (first sample, end, chunks, size)
+        if tail:
+            self.groups.append((k * v, n, 1, tail))
+        self.sizes = [v] * k + ([tail] if tail else [])
 
-def _per_sample(per_chunk: Tensor, chunk: Tensor, dtype: torch.dtype) -> Tensor:
-    """(K, C) per-chunk values as (N, C, 1) in ``dtype``, to broadcast over each sample's
-    positions."""
-    return per_chunk.index_select(0, chunk).unsqueeze(2).to(dtype)
+    def views(self, t: Tensor) -> list[Tensor]:
+        """(N, C, ...) as one (m, size, C, ...) view per group."""
+        return [t[a:b].view(m, size, *t.shape[1:]) for a, b, m, size in self.groups]
+
+    def per_chunk(self, values: Tensor, ndim: int = 4) -> list[Tensor]:
+        """(K, C) as one (m, 1, C, 1, ...) view per group (``ndim`` dimensions)."""
+        out, j = [], 0
+        for _, _, m, _ in self.groups:
+            out.append(values[j:j + m].view(m, 1, -1, *([1] * (ndim - 3))))
+            j += m
+        return out
+
+    def sum(self, per_sample: Tensor) -> Tensor:
+        """(N, C) summed over each chunk's samples: (K, C)."""
+        parts = [g.sum(1) for g in self.views(per_sample)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def row_values(self, values: Tensor) -> Tensor:
+        """(K, C) repeated for each sample: (N, C)."""
+        parts = [g.expand(-1, size, -1).reshape(-1, g.shape[2])
+                 for g, (_, _, _, size) in zip(self.per_chunk(values, 3), self.groups,
+                                               strict=True)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -183,128 +201,133 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _chunk_sum(per_row: Tensor, chunk: Tensor, num_chunks: int) -> Tensor:
-    """Sum (N, C) per-sample values over each chunk's samples: (K, C)."""
-    out = per_row.new_zeros(num_chunks, per_row.shape[1])
-    return out.index_add_(0, chunk, per_row)
+def _use_kernels(x3: Tensor) -> bool:
+    return x3.shape[2] >= ROWS_MIN_LENGTH and x3.device.type in ("cpu", "cuda")
 
 
-class _GhostRows(torch.autograd.Function):
-    """Ghost BN from per-(sample, channel) row statistics, for contiguous (N, C, L) views.
+def _chunk_moments(x3: Tensor, chunks: _Chunks, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Each chunk's per-channel mean and biased variance: two (K, C) tensors in ``acc``."""
+    n, c, length = x3.shape
+    if _use_kernels(x3):
+        # Each (sample, channel) row's mean and variance from torch's BN statistics kernel
+        # on the (1, N·C, L) view (no copy), merged per chunk exactly (Chan).
+        row_mean, row_var = torch.batch_norm_update_stats(
+            x3.view(1, n * c, length), None, None, 0.0)
+        row_mean, row_var = row_mean.view(n, c).to(acc), row_var.view(n, c).to(acc)
+        size = row_mean.new_tensor(chunks.sizes).unsqueeze(1)
+        mean = chunks.sum(row_mean) / size
+        spread = [(g - mu).square().sum(1) for g, mu in
+                  zip(chunks.views(row_mean), chunks.per_chunk(mean, 3), strict=True)]
+        return mean, (chunks.sum(row_var) + torch.cat(spread)) / size
+    # Few positions: two passes over each group, reducing over samples and positions.
+    means, variances = [], []
+    for g in chunks.views(x3):
+        mu = g.mean((1, 3), keepdim=True, dtype=acc)
+        means.append(mu.view(-1, c))
+        variances.append((g - mu).square_().mean((1, 3), dtype=acc))
+    return torch.cat(means), torch.cat(variances)
 
-    Forward: each row's mean m_r and biased variance s_r over its L positions (torch's BN
-    statistics kernel on the (1, N·C, L) view, no copy); chunk j's mean and variance are
-    μ_j = mean of its rows' m_r and σ_j² = mean of s_r + mean of (m_r − μ_j)² (exact); then
-    y = x·scale + shift with scale = γ/sqrt(σ_j² + eps), shift = β − μ_j·scale per sample.
 
-    Backward: torch's BN backward kernel on the same view, given μ_j as each row's mean and
-    1 as its invstd, returns each row's Σdy and Σdy·(x − μ_j) in one pass; summed per chunk
-    they give dγ, dβ and dx = a·dy + b·x + c with per-chunk a, b, c. Under
-    ``create_graph=True`` the gradients are instead taken through the rearranging route, so
-    double backward is exact too.
+def _chunk_grad_sums(dy3: Tensor, x3: Tensor, mean: Tensor, chunks: _Chunks
+                     ) -> tuple[Tensor, Tensor]:
+    """Each chunk's per-channel Σdy and Σdy·(x − μ): two (K, C) tensors in mean's dtype."""
+    n, c, length = x3.shape
+    acc = mean.dtype
+    if _use_kernels(x3):
+        # torch's BN backward kernel, given μ as each row's mean and 1 as its invstd:
+        # grad_weight is Σdy·(x − μ) and grad_bias Σdy per row, in one pass over x and dy.
+        mu = chunks.row_values(mean).to(x3.dtype).reshape(-1)
+        _, dot, total = _bn_backward(
+            dy3.view(1, n * c, length), x3.view(1, n * c, length), None, None, None, mu,
+            torch.ones_like(mu), True, 0.0, [False, True, True])
+        return chunks.sum(total.view(n, c).to(acc)), chunks.sum(dot.view(n, c).to(acc))
+    sums, dots = [], []
+    for dg, xg, mu in zip(chunks.views(dy3), chunks.views(x3),
+                          chunks.per_chunk(mean.to(x3.dtype)), strict=True):
+        sums.append(dg.sum((1, 3), dtype=acc))
+        dots.append((xg - mu).mul_(dg).sum((1, 3), dtype=acc))
+    return torch.cat(sums), torch.cat(dots)
+
+
+def _broadcast_affine(t3: Tensor, a: Tensor, b: Tensor, chunks: _Chunks) -> Tensor:
+    """A new ``t3·a + b`` with per-chunk (K, C) coefficients, group by group."""
+    out = torch.empty_like(t3)
+    for tg, og, ag, bg in zip(chunks.views(t3), chunks.views(out),
+                              chunks.per_chunk(a.to(t3.dtype)), chunks.per_chunk(b.to(t3.dtype)),
+                              strict=True):
+        torch.addcmul(bg, tg, ag, out=og)
+    return out
+
+
+class _GhostFunction(torch.autograd.Function):
+    """Ghost BN from per-chunk statistics, without copying or gathering per sample.
+
+    Forward: chunk j's mean μ_j and biased variance σ_j² (:func:`_chunk_moments`); then
+    y = x·scale + shift with scale = γ/sqrt(σ_j² + eps), shift = β − μ_j·scale.
+
+    Backward: each chunk's Σdy and Σdy·(x − μ_j) (:func:`_chunk_grad_sums`) give dγ, dβ
+    and dx = a·dy + b·x + c with per-chunk a, b, c. Under ``create_graph=True`` the
+    gradients are taken through :func:`_ghost_differentiable`, the same maths in
+    differentiable ops.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                chunk: Tensor, eps: float, layout: tuple[int, int, int]
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                chunks: _Chunks, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         x3 = x.contiguous().view(n, c, -1)  # channels-last and other strides: one copy
-        num_chunks = layout[1] + (1 if layout[2] else 0)
-        acc = _accumulation_dtype(x.dtype)
-        size = torch.bincount(chunk, minlength=num_chunks).to(acc).unsqueeze(1)
-        row_mean, row_var = torch.batch_norm_update_stats(
-            x3.view(1, n * c, -1), None, None, 0.0)
-        row_mean, row_var = row_mean.view(n, c).to(acc), row_var.view(n, c).to(acc)
-        mean = _chunk_sum(row_mean, chunk, num_chunks) / size
-        spread = (row_mean - mean.index_select(0, chunk)).square_()
-        var = _chunk_sum(row_var + spread, chunk, num_chunks) / size
+        mean, var = _chunk_moments(x3, chunks, _accumulation_dtype(x.dtype))
         invstd = (var + eps).rsqrt()
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
-        y = torch.addcmul(_per_sample(shift, chunk, x.dtype), x3,
-                          _per_sample(scale, chunk, x.dtype))
-        ctx.save_for_backward(x, x3, weight, bias, chunk, mean, invstd, size)
-        ctx.eps, ctx.layout = eps, layout  # (v, k, tail) of ghost_chunks, for double backward
+        y = _broadcast_affine(x3, scale, shift, chunks)
+        ctx.save_for_backward(x, x3, weight, bias, mean, invstd)
+        ctx.eps, ctx.chunks = eps, chunks
         ctx.mark_non_differentiable(mean, var)
         return y.view(x.shape), mean, var
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
-        x, x3, weight, bias, chunk, mean, invstd, size = ctx.saved_tensors
+        x, x3, weight, bias, mean, invstd = ctx.saved_tensors
+        chunks: _Chunks = ctx.chunks
         if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable form
-            v, k, tail = ctx.layout
             first = differentiable_grads(
-                lambda: _ghost_by_rearranging(x, weight, bias, v, k, tail, ctx.eps)[0],
+                lambda: _ghost_differentiable(x, weight, bias, chunks, ctx.eps),
                 (x, weight, bias), ctx.needs_input_grad[:3], dy)
-            return (*first, None, None, None)
+            return (*first, None, None)
         n, c = x.shape[0], x.shape[1]
         dy3 = dy.contiguous().view(n, c, -1)
-        num_chunks = mean.shape[0]
-        row_mu = mean.index_select(0, chunk).reshape(-1).to(x.dtype)
-        _, row_dot, row_sum = _bn_backward(
-            dy3.view(1, n * c, -1), x3.view(1, n * c, -1), None, None, None, row_mu,
-            torch.ones_like(row_mu), True, 0.0, [False, True, True])
-        acc = mean.dtype
-        sum_dy = _chunk_sum(row_sum.view(n, c).to(acc), chunk, num_chunks)
-        sum_dy_xmu = _chunk_sum(row_dot.view(n, c).to(acc), chunk, num_chunks)
-        m = size * x3.shape[2]  # values per chunk and channel
+        sum_dy, sum_dy_xmu = _chunk_grad_sums(dy3, x3, mean, chunks)
+        m = mean.new_tensor(chunks.sizes).unsqueeze(1) * x3.shape[2]  # values per chunk
         # dx = γ·invstd·(dy − Σdy/m − (x − μ)·invstd²·Σdy(x − μ)/m) = a·dy + b·x + c
         a = invstd if weight is None else invstd * weight
         b = -a * invstd.square() * sum_dy_xmu / m
         cc = -a * sum_dy / m - b * mean
-        dx = torch.addcmul(_per_sample(cc, chunk, x.dtype), dy3, _per_sample(a, chunk, x.dtype))
-        dx.addcmul_(x3, _per_sample(b, chunk, x.dtype))
+        dx = _broadcast_affine(dy3, a, cc, chunks)
+        for dg, xg, bg in zip(chunks.views(dx), chunks.views(x3),
+                              chunks.per_chunk(b.to(x.dtype)), strict=True):
+            dg.addcmul_(xg, bg)
         dweight = (sum_dy_xmu * invstd).sum(0).to(weight.dtype) if weight is not None else None
         dbias = sum_dy.sum(0).to(bias.dtype) if bias is not None else None
-        return dx.view(x.shape), dweight, dbias, None, None, None
+        return dx.view(x.shape), dweight, dbias, None, None
 
 
-def _ghost_by_rearranging(x: Tensor, weight: Tensor | None, bias: Tensor | None, v: int,
-                          k: int, tail: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Ghost BN from differentiable ops: k chunks of v, then one of ``tail`` (0: none).
-
-    Returns (output, per-chunk means, per-chunk biased variances).
-    """
-    groups: list[Tensor] = []
-    if not tail:
-        # No slicing: autograd's backward of x[:n] allocates a zero tensor of x's size
-        # and copies the gradient into it, an extra two passes over memory.
-        groups.append(x.reshape(k, v, *x.shape[1:]))
-    else:
-        if k:
-            groups.append(x[: k * v].reshape(k, v, *x.shape[1:]))
-        groups.append(x[k * v :].unsqueeze(0))
-    outs, means, variances = [], [], []
-    for xg in groups:  # at most two vectorised groups, never one per chunk
-        out, mean, var = _normalise_equal_chunks(xg, weight, bias, eps)
-        outs.append(out)
-        means.append(mean)
-        variances.append(var)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-    return out, torch.cat(means), torch.cat(variances)
-
-
-def _normalise_equal_chunks(xg: Tensor, weight: Tensor | None, bias: Tensor | None,
-                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalise m equal chunks (m, size, C, ...) at once; (output, means, biased vars).
-
-    (m, size, C, ...) is rearranged to (size, m·C, ...): chunk j's channel c becomes
-    channel j·C + c of one batch, and torch's own BatchNorm kernel (with γ, β repeated
-    m times) normalises every chunk in one call. This costs a transpose copy in and out
-    (none for m = 1). The kernel returns each chunk's mean and 1/sqrt(σ² + eps); σ² is
-    recovered as invstd⁻² − eps (clamped at 0) for the running statistics.
-    """
-    m, size, c = xg.shape[0], xg.shape[1], xg.shape[2]
-    spatial = xg.shape[3:]
-    xt = xg.transpose(0, 1).reshape(size, m * c, *spatial)
-    w = weight.repeat(m) if weight is not None else None
-    b = bias.repeat(m) if bias is not None else None
-    out, mean, invstd = torch.native_batch_norm(xt, w, b, None, None, True, 0.0, eps)
-    out = out.view(size, m, c, *spatial).transpose(0, 1).reshape(m * size, c, *spatial)
-    with torch.no_grad():
-        var = (invstd.double().pow(-2) - eps).clamp_min(0.0).view(m, c)
-    return out, mean.detach().view(m, c), var
+def _ghost_differentiable(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                          chunks: _Chunks, eps: float) -> Tensor:
+    """Ghost BN's forward written with differentiable ops (two-pass, group by group)."""
+    n, c = x.shape[0], x.shape[1]
+    outs = []
+    for g in chunks.views(x.reshape(n, c, -1)):
+        mu = g.mean((1, 3), keepdim=True)
+        centred = g - mu
+        var = centred.square().mean((1, 3), keepdim=True)
+        outs.append((centred * (var + eps).rsqrt()).reshape(-1, c, g.shape[3]))
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if weight is not None:
+        y = y * weight.view(1, c, 1)
+    if bias is not None:
+        y = y + bias.view(1, c, 1)
+    return y.view(x.shape)
 
 
 def _doc(dim: int) -> str:
