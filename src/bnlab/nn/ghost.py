@@ -129,10 +129,10 @@ class _GhostBatchNorm(GuardedBatchNorm):
             k, v = 1, n  # one chunk: exactly BatchNorm
         chunks = _Chunks(n, v, k, tail)
         out, means, variances = _GhostFunction.apply(x, self.weight, self.bias, chunks, self.eps)
-        sizes = chunks.sizes
         if self.track_running_stats:
             with torch.no_grad():
-                self._update_from_chunks(means, variances, [s * per_sample for s in sizes])
+                self._update_from_chunks(means, variances,
+                                         [s * per_sample for s in chunks.sizes])
         return out
 
     def _update_from_chunks(self, means: Tensor, variances: Tensor, counts: list[int]) -> None:
