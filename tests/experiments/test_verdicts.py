@@ -76,6 +76,24 @@ def test_convergence_rule() -> None:
     )
 
 
+def test_headline_shows_no_standard_error_for_one_seed() -> None:
+    """compare() uses se = 0 for one seed; the headline must not print that as "± 0.00"."""
+    exp = get_experiment("convergence")
+
+    def outcome(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        final = 0.99 if spec.group["norm"] == "bn" else 0.9 + 0.001 * spec.seed
+        return {"test_acc": final}, curve(final)
+
+    full = exp.config("full")
+    one = replace(full, seeds=full.seeds[:1])
+    results = [r for r in results_for("convergence", outcome) if r.spec.seed == full.seeds[0]]
+    headline = exp.analyse(one, results).headline
+    assert "(1 seed)" in headline and "±" not in headline.split("points")[0]
+    assert " ± " in exp.analyse(full, results_for("convergence", outcome)).headline
+    assert base.pm(1.234, 0.5, 3, 1) == "+1.2 ± 0.5"
+    assert base.pm(-1.234, 0.0, 1, 2) == "-1.23 (1 seed)"
+
+
 @pytest.mark.parametrize(
     ("bn_max", "none_max", "expected"),
     [(1.0, 0.1, "supported"), (0.1, 0.1, "not supported"), (0.03, 0.3, "not supported"),

@@ -245,6 +245,18 @@ def compare(diffs: Sequence[float], threshold: float) -> tuple[Verdict, float, f
     return "inconclusive", d, se
 
 
+def pm(d: float, se: float, n: int, digits: int) -> str:
+    """``d ± se`` for a headline, with ``digits`` decimals and ``d`` signed.
+
+    With one seed there is no standard error (``compare`` then uses 0), so none is shown,
+    as :func:`fmt_ms` shows no spread for one value: ``+1.2 (1 seed)`` rather than a
+    misleading ``+1.2 ± 0.0``.
+    """
+    if n < 2:
+        return f"{d:+.{digits}f} (1 seed)"
+    return f"{d:+.{digits}f} ± {se:.{digits}f}"
+
+
 def final_acc(result: RunResult, num_classes: int = 10) -> float:
     """Final test accuracy in [0, 1]; a diverged run counts as chance (1 / classes)."""
     acc = result.summary.get("test_acc")

@@ -22,6 +22,7 @@ from bnlab.experiments.base import (
     eval_set_text,
     final_acc,
     fmt_ms,
+    pm,
     select,
     train_config,
 )
@@ -108,7 +109,7 @@ class BatchSize(Experiment):
         bn_hi = fmt_ms([final_acc(r) for r in select(results, norm="bn", batch=hi)])
         headline = (
             f"BN at batch {lo}: {bn_lo}, at batch {hi}: {bn_hi}; its deficit against the best "
-            f"of GN/LN grows by {d:+.1f} ± {se:.1f} points from batch {hi} to {lo}."
+            f"of GN/LN grows by {pm(d, se, len(diffs), 1)} points from batch {hi} to {lo}."
         )
         return Analysis(verdict, headline, {
             "gap_growth_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,

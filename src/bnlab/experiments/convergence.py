@@ -26,6 +26,7 @@ from bnlab.experiments.base import (
     fmt_ms,
     mean_std,
     paired_diffs_pp,
+    pm,
     select,
     steps_to,
     table_row,
@@ -92,7 +93,7 @@ class Convergence(Experiment):
         s97 = {n: mean_std(steps_to(r, TARGETS[0]) for r in select(results, norm=n))[0]
                for n in ("bn", "none")}
         headline = (
-            f"Accuracy curve {d:+.2f} ± {se:.2f} points higher with BN (mean over the run); "
+            f"Accuracy curve {pm(d, se, len(diffs), 2)} points higher with BN (mean over the run); "
             f"steps to 97 %: BN {_steps(s97['bn'])}, no BN {_steps(s97['none'])}."
         )
         return Analysis(verdict, headline, {

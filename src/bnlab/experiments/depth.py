@@ -24,6 +24,7 @@ from bnlab.experiments.base import (
     get_data,
     mean_std,
     paired_diffs_pp,
+    pm,
     select,
     write_run_files,
 )
@@ -104,7 +105,8 @@ class Depth(Experiment):
         verdict, d, se = compare(diffs, THRESHOLD_PP)
         headline = (
             f"At depth {deepest}: BN {fmt_ms([final_acc(r) for r in bn])} vs no BN "
-            f"{fmt_ms([final_acc(r) for r in none])} test accuracy ({d:+.1f} ± {se:.1f} points)."
+            f"{fmt_ms([final_acc(r) for r in none])} test accuracy "
+            f"({pm(d, se, len(diffs), 1)} points)."
         )
         return Analysis(verdict, headline, {
             "depth": deepest, "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,

@@ -23,6 +23,7 @@ from bnlab.experiments.base import (
     eval_set_text,
     final_acc,
     fmt_ms,
+    pm,
     select,
     train_config,
 )
@@ -92,7 +93,7 @@ class InitSensitivity(Experiment):
         verdict, d, se = compare(diffs, THRESHOLD_PP)
         headline = (
             f"Accuracy range over init scales: BN {fmt_ms(ranges['bn'], unit='')} vs no BN "
-            f"{fmt_ms(ranges['none'], unit='')} points ({d:+.1f} ± {se:.1f} points less "
+            f"{fmt_ms(ranges['none'], unit='')} points ({pm(d, se, len(diffs), 1)} points less "
             f"sensitive with BN)."
         )
         return Analysis(verdict, headline, {

@@ -22,6 +22,7 @@ from bnlab.experiments.base import (
     final_acc,
     fmt_ms,
     paired_diffs_pp,
+    pm,
     select,
     table_row,
     train_config,
@@ -79,7 +80,8 @@ class Placement(Experiment):
         verdict, d, se = compare(diffs, THRESHOLD_PP)
         headline = (
             f"Final test accuracy: before {fmt_ms([final_acc(r) for r in before])}, after "
-            f"{fmt_ms([final_acc(r) for r in after])} ({d:+.2f} ± {se:.2f} points for before)."
+            f"{fmt_ms([final_acc(r) for r in after])} "
+            f"({pm(d, se, len(diffs), 2)} points for before)."
         )
         return Analysis(verdict, headline, {
             "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP, "seeds": len(diffs),

@@ -23,6 +23,7 @@ from bnlab.experiments.base import (
     final_acc,
     fmt_ms,
     paired_diffs_pp,
+    pm,
     select,
     table_row,
     train_config,
@@ -115,7 +116,7 @@ class Regularization(Experiment):
         verdict, d, se = compare(diffs, THRESHOLD_PP)
         headline = (
             f"Train − test gap without dropout: BN {fmt_ms([gap(r) for r in bn], unit='')} vs "
-            f"no BN {fmt_ms([gap(r) for r in none], unit='')} points ({d:+.2f} ± {se:.2f} "
+            f"no BN {fmt_ms([gap(r) for r in none], unit='')} points ({pm(d, se, len(diffs), 2)} "
             f"smaller with BN)."
         )
         return Analysis(verdict, headline, {

@@ -23,6 +23,7 @@ from bnlab.experiments.base import (
     compare,
     fmt_ms,
     get_data,
+    pm,
     select,
     table_row,
     train_config,
@@ -116,8 +117,8 @@ class TrainEval(Experiment):
             f"Momentum 0.1: running statistics "
             f"{fmt_ms([r.summary['eval_variants']['running'] for r in rs])} vs batch statistics "
             f"of {min(cfg.eval_batches)} images "
-            f"{fmt_ms([r.summary['eval_variants'][small] for r in rs])} ({d:+.1f} ± {se:.1f} "
-            f"points)."
+            f"{fmt_ms([r.summary['eval_variants'][small] for r in rs])} "
+            f"({pm(d, se, len(diffs), 1)} points)."
         )
         return Analysis(verdict, headline, {
             "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,
