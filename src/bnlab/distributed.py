@@ -48,6 +48,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bnlab._environ import environ
 from bnlab._io import atomic_write_json
 from bnlab.errors import BnlabError
 
@@ -175,10 +176,8 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOU
     from torch.distributed.run import parse_args, run
 
     args = parse_args(torchrun_args(nproc, argv))
-    with tempfile.TemporaryDirectory(prefix="bnlab-failures-") as folder:
-        env = {TIMEOUT_ENV: repr(float(timeout_s)), FAILURE_DIR_ENV: folder}
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
+    with tempfile.TemporaryDirectory(prefix="bnlab-failures-") as folder, \
+            environ(**{TIMEOUT_ENV: repr(float(timeout_s)), FAILURE_DIR_ENV: folder}):
         try:
             run(args)
         except ChildFailedError as exc:
@@ -191,12 +190,6 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOU
             print(f"bnlab: launcher stopped by signal {exc.sigval.name}; workers were stopped",
                   file=sys.stderr, flush=True)
             return 128 + int(exc.sigval)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
     return 0
 
 

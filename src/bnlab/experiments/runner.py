@@ -31,12 +31,12 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bnlab import __version__
+from bnlab._environ import environ
 from bnlab._io import atomic_write_json, atomic_write_text
 from bnlab._progress import Progress
 from bnlab.errors import BnlabError
@@ -314,23 +314,6 @@ class ExperimentOutcome:
     failed: list[str]
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """Set environment variable ``name`` to ``value`` (None: leave it) for a block only."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def run_lab(
     names: list[str],
     *,
@@ -353,7 +336,7 @@ def run_lab(
     out = Path(out)
     planned = plan(names, profile, dataset, out)
     # train() finds the data through the documented lookup order; the children inherit it
-    with _env("BNLAB_DATA_DIR", None if data_dir is None else str(Path(data_dir).resolve())):
+    with environ(BNLAB_DATA_DIR=None if data_dir is None else str(Path(data_dir).resolve())):
         prepare_out(out, planned, profile, dataset, force)
 
         status: dict[str, bool] = {}

@@ -32,6 +32,9 @@ from torch.nn import functional as F
 
 SMALL_BATCH_POLICIES = ("error", "skip")
 
+bn_backward = torch.ops.aten.native_batch_norm_backward
+"""torch's BN backward kernel, for the custom autograd Functions that reuse it."""
+
 # Accepted ranks and the shape wording for each class family (shared by the docstrings).
 RANKS: dict[int, tuple[tuple[int, ...], str]] = {
     1: ((2, 3), "(N, C) or (N, C, L)"),

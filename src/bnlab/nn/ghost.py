@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from bnlab.nn._base import RANKS, GuardedBatchNorm, differentiable_grads, rank_doc
+from bnlab.nn._base import (
+    RANKS,
+    GuardedBatchNorm,
+    bn_backward,
+    differentiable_grads,
+    rank_doc,
+)
 
 _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, arXiv:1705.08741).
 
@@ -155,8 +161,6 @@ Measured (2 threads, forward+backward against nn.BatchNorm*, kernels / composite
 (64, 64, 28, 28) 1.08x / 1.41x; (512, 256, 8) 1.11x / 1.36x; (512, 256, 4) 1.12x / 0.92x;
 (4096, 1024), one position, 10.7x / 2.3x (the kernels' cost per row dominates)."""
 
-_bn_backward = torch.ops.aten.native_batch_norm_backward
-
 
 class _Chunks:
     """A batch's chunks as at most two groups of equal chunks: k of v samples, then one of
@@ -237,7 +241,7 @@ def _chunk_grad_sums(dy3: Tensor, x3: Tensor, mean: Tensor, chunks: _Chunks
         # torch's BN backward kernel, given μ as each row's mean and 1 as its invstd:
         # grad_weight is Σdy·(x − μ) and grad_bias Σdy per row, in one pass over x and dy.
         mu = chunks.row_values(mean).to(x3.dtype).reshape(-1)
-        _, dot, total = _bn_backward(
+        _, dot, total = bn_backward(
             dy3.view(1, n * c, length), x3.view(1, n * c, length), None, None, None, mu,
             torch.ones_like(mu), True, 0.0, [False, True, True])
         return chunks.sum(total.view(n, c).to(acc)), chunks.sum(dot.view(n, c).to(acc))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab._progress import progress as progress_iter
+from bnlab.nn._base import channel_view, reduce_dims
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.replace import batchnorm_layers
 
@@ -50,9 +51,8 @@ class _Moments:
             # Any other layout or dtype (channels-last, float16, ...): two passes in float64.
             # (torch's kernel is less accurate on channels-last, 5e-5 relative.)
             x = x.double()
-            dims = [0, *range(2, x.dim())]
-            mean_b = x.mean(dim=dims)
-            m2_b = ((x - mean_b.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).sum(dim=dims)
+            mean_b = x.mean(dim=reduce_dims(x))
+            m2_b = ((x - channel_view(mean_b, x.dim())) ** 2).sum(dim=reduce_dims(x))
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n_b, mean_b, m2_b
             return

@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from bnlab.nn._base import RANKS, GuardedBatchNorm, differentiable_grads, rank_doc
+from bnlab.nn._base import (
+    RANKS,
+    GuardedBatchNorm,
+    bn_backward,
+    differentiable_grads,
+    rank_doc,
+)
 
 _DOC = """Batch Renormalization over a {shape} input (Ioffe 2017, arXiv:1702.03275).
 
@@ -187,7 +193,7 @@ class _Renorm(torch.autograd.Function):
         w, _ = _renorm_affine(weight, bias, r, d)
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         invstd = (var + ctx.eps).rsqrt()
-        dx, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
+        dx, g_w, g_b = bn_backward(
             dy, x, w, None, None, mean, invstd, True, ctx.eps,
             [needs_x, needs_w or needs_b, needs_w or needs_b])
         dweight = torch.addcmul(g_w * r, g_b, d) if needs_w else None
