@@ -297,7 +297,7 @@ def test_empty_batch_like_torch() -> None:
 
 @pytest.mark.parametrize(
     ("shape", "match"),
-    [((C,), "at least 2 dimensions"), ((4, C + 1, 2), f"expects {C} channels")],
+    [((C,), "at least 2 dimensions"), ((4, C + 1, 2), f"expected {C} channels")],
     ids=["rank1", "channels"],
 )
 def test_bad_input_names_the_problem(shape: tuple[int, ...], match: str) -> None:

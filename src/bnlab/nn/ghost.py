@@ -6,14 +6,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from bnlab.nn._base import (
     RANKS,
     GuardedBatchNorm,
+    accumulation_dtype,
     bn_backward,
+    check_training_eps,
     differentiable_grads,
     rank_doc,
+    tracks_running_stats,
 )
 
 _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, arXiv:1705.08741).
@@ -120,22 +122,19 @@ class _GhostBatchNorm(GuardedBatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            # Eval without running statistics: the whole batch's statistics, as torch does
-            # (ghost batches are a training-time regulariser; eval never chunks).
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         n, c = x.shape[0], self.num_features
-        per_sample = x[0].numel() // c if n else 0
+        per_sample = x[0].numel() // c
         v = self.virtual_batch_size
         k, tail = ghost_chunks(n, v)
         smallest = n if v >= n else (min(v, tail) if tail else v)
         if self._small_batch(x, smallest * per_sample):
             return self._eval_forward(x)
+        check_training_eps(self)
         if v >= n:
             k, v = 1, n  # one chunk: exactly BatchNorm
         chunks = _Chunks(n, v, k, tail)
         out, means, variances = _GhostFunction.apply(x, self.weight, self.bias, chunks, self.eps)
-        if self.track_running_stats:
+        if tracks_running_stats(self):
             with torch.no_grad():
                 self._update_from_chunks(means, variances,
                                          [s * per_sample for s in chunks.sizes])
@@ -197,12 +196,6 @@ class _Chunks:
                  for g, (_, _, _, size) in zip(self.per_chunk(values, 3), self.groups,
                                                strict=True)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and per-chunk coefficients of float16/bfloat16 inputs are kept in float32
-    (as torch's BN keeps its statistics); the elementwise passes stay in the input's dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _use_kernels(x3: Tensor) -> bool:
@@ -280,7 +273,7 @@ class _GhostFunction(torch.autograd.Function):
                 chunks: _Chunks, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         x3 = x.contiguous().view(n, c, -1)  # channels-last and other strides: one copy
-        mean, var = _chunk_moments(x3, chunks, _accumulation_dtype(x.dtype))
+        mean, var = _chunk_moments(x3, chunks, accumulation_dtype(x.dtype))
         invstd = (var + eps).rsqrt()
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale

@@ -36,7 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnlab.nn._base import channel_view, reduce_dims
+from bnlab.nn._base import (
+    accumulation_dtype,
+    channel_view,
+    check_input,
+    check_options,
+    check_training_eps,
+    reduce_dims,
+    update_running_stats,
+)
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -53,11 +61,6 @@ def _active_group(process_group: Any) -> Any | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """The dtype of the per-rank reductions: the input's, float32 for float16/bfloat16."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
 def _global_stats(x: Tensor, group: Any | None) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and M2 (centred sum of squares) over all ranks, and the count n.
 
@@ -69,9 +72,9 @@ def _global_stats(x: Tensor, group: Any | None) -> tuple[Tensor, Tensor, int]:
     concatenated batch up to rounding.
     """
     channels = x.shape[1]
-    count = x.numel() // channels if channels else 0
+    count = x.numel() // channels
     if count > 0:
-        xa = x.detach().to(_acc_dtype(x))
+        xa = x.detach().to(accumulation_dtype(x.dtype))
         dims = reduce_dims(x)
         mean_local = xa.mean(dim=dims)
         centred = xa - channel_view(mean_local, x.dim())
@@ -134,7 +137,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         (dy,) = grad_outputs
         x, weight, mean, invstd = ctx.saved_tensors
         dims = reduce_dims(x)
-        acc, nd = _acc_dtype(x), x.dim()
+        acc, nd = accumulation_dtype(x.dtype), x.dim()
         centred = x.to(acc) - channel_view(mean.to(acc), nd)
         dy_acc = dy.to(acc)
         # Local per-channel sums in the input's dtype (cascaded sums, as in _global_stats),
@@ -211,54 +214,39 @@ class SyncBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        check_options(num_features, eps, momentum)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(
-                f"SyncBatchNorm expects input of shape (N, C, *) with at least 2 dimensions, "
-                f"got {input.dim()}D input of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"SyncBatchNorm expects {self.num_features} channels on axis 1, got input of "
-                f"shape {tuple(input.shape)}"
-            )
+        check_input(self, input, (), "(N, C, *)")
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats:  # eval with running statistics: local, no communication
             return F.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                 self.eps,
             )
+        check_training_eps(self)
         # Only training synchronises; eval without running stats uses the local batch,
         # as torch.nn.SyncBatchNorm does.
         group = _active_group(self.process_group) if self.training else None
-        with torch.no_grad():
-            mean, m2, count = _global_stats(input, group)
+        mean, m2, count = _global_stats(input, group)
         if count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{input.size()} (1 value per channel over all ranks together)"
             )
+        if self.training:
+            # Every check has passed: count the batch (statistics unchanged when empty).
+            update_running_stats(self, (mean, m2 / (count - 1)) if count else None)
         if count == 0:
-            # Every rank is empty: nothing to normalise and nothing to learn from.
-            return input * 0.0
-        rm, rv = self.running_mean, self.running_var
-        if self.training and self.track_running_stats and rm is not None and rv is not None:
-            with torch.no_grad():
-                rm.copy_((1.0 - factor) * rm.to(torch.float64) + factor * mean)
-                rv.copy_((1.0 - factor) * rv.to(torch.float64) + factor * (m2 / (count - 1)))
+            # Every rank is empty: an empty output and zero parameter gradients, as torch.
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         invstd = torch.rsqrt(m2 / count + self.eps)
         out: Tensor = _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, mean, invstd, count, group
