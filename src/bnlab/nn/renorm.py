@@ -54,7 +54,9 @@ _DOC = """Batch Renormalization over a {shape} input (Ioffe 2017, arXiv:1702.032
     step costs what a BatchNorm step costs). r and d are detached as in the paper: the
     gradient treats them as constants (dγ = r·Σdy·x̂ + d·Σdy). Double backward
     (``create_graph=True``) works: it differentiates the same maths written with
-    differentiable ops.
+    differentiable ops; so does forward-mode AD (``torch.autograd.forward_ad``), with r and
+    d constant. Under CPU autocast a float16/bfloat16 input takes float32 statistics and
+    parameters, as torch's BN does.
 
     Args:
         num_features: C.

@@ -19,6 +19,7 @@ from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.kinds import BN_KINDS, bn_kind
 from bnlab.nn.renorm import _BatchRenorm
 
+
 def is_batchnorm(module: nn.Module) -> bool:
     """True for torch's and bnlab's batch-norm layers (not GroupNorm/LayerNorm/InstanceNorm).
 
