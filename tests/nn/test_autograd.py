@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.nn import functional as F
 
-from bnlab.nn import BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d, SyncBatchNorm
+from bnlab.nn import (
+    BatchRenorm2d,
+    FrozenBatchNorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    SyncBatchNorm,
+)
 from bnlab.nn.ghost import ghost_chunks
 
 C = 3
@@ -158,11 +164,12 @@ MODULES = [
 ]
 
 
-def _errors(m: nn.Module, x: Tensor, dy: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+def _errors(m: nn.Module, x: Tensor, dy: Tensor, dtype: torch.dtype, randomise: bool = True
+            ) -> tuple[Tensor, ...]:
     """Output and input gradient of m under autocast(dtype), and their errors against m in
     float64 on the same rounded input, relative to the largest float64 value (Batch Renorm's
     d shifts its outputs, so absolute errors would compare different magnitudes)."""
-    low = _randomised(m, 5)
+    low = _randomised(m, 5) if randomise else m
     high = copy.deepcopy(low).double()
     with torch.autocast("cpu", dtype=dtype):
         xl = x.to(dtype).requires_grad_()
@@ -173,6 +180,20 @@ def _errors(m: nn.Module, x: Tensor, dy: Tensor, dtype: torch.dtype) -> tuple[Te
     (gh,) = torch.autograd.grad(yh, xh, dy.to(dtype).double())
     return (yl, gl, (yl.double() - yh).abs().max() / yh.abs().max(),
             (gl.double() - gh).abs().max() / gh.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_frozen_under_autocast_runs_like_torch_eval_within_4x_its_error(dtype):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, C, 4, 4, generator=g) * 3 + 5
+    dy = torch.randn(16, C, 4, 4, generator=g)
+    ref = _randomised(nn.BatchNorm2d(C), 9).eval()
+    frozen = FrozenBatchNorm2d(C)
+    frozen.load_state_dict(ref.state_dict())
+    y, gx, err_y, err_g = _errors(frozen, x, dy, dtype, randomise=False)
+    ty, tgx, terr_y, terr_g = _errors(ref, x, dy, dtype, randomise=False)
+    assert y.dtype == ty.dtype == dtype and gx.dtype == tgx.dtype == dtype
+    assert err_y <= 4 * terr_y and err_g <= 4 * terr_g
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
