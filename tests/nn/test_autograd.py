@@ -155,6 +155,28 @@ def test_ghost_forward_mode_ad_in_training_equals_torch_jvp_per_chunk(cls, shape
     torch.testing.assert_close(_tangent(m, x, t), expected, rtol=1e-10, atol=1e-10)
 
 
+def _untracked_renorm_as_bn() -> nn.Module:
+    m = BatchRenorm2d(C, r_max=1.0, d_max=0.0)
+    m.track_running_stats = False  # no buffer update, so torch.func may transform it
+    return m
+
+
+@pytest.mark.parametrize("make", [
+    _untracked_renorm_as_bn,
+    lambda: GhostBatchNorm2d(C, 64, track_running_stats=False),
+    lambda: SyncBatchNorm(C, track_running_stats=False),
+], ids=["renorm", "ghost", "sync"])
+def test_torch_func_jvp_transforms_the_modules_like_torch_batchnorm(make):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, C, 3, 3, generator=g, dtype=F64) * 2 + 1
+    t = torch.randn(x.shape, generator=g, dtype=F64)
+    ref = nn.BatchNorm2d(C, track_running_stats=False).double()
+    y_ref, t_ref = torch.func.jvp(ref, (x,), (t,))
+    y, tangent = torch.func.jvp(make().double(), (x,), (t,))
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tangent, t_ref, rtol=1e-10, atol=1e-10)
+
+
 # --------------------------------------------------------------------- autocast
 
 MODULES = [
