@@ -56,6 +56,16 @@ def _initializers(model: Any) -> dict[str, Any]:
     return {t.name: t for t in model.graph.initializer}
 
 
+def _keeps_stats(model: Any, node: Any) -> bool:
+    """False for a training-mode node whose statistics outputs nobody uses: it normalises
+    with batch statistics and keeps none (torch's track_running_stats=False)."""
+    if not _attrs(node).get("training_mode", 0):
+        return True
+    used = {o.name for o in model.graph.output}
+    used.update(i for other in model.graph.node for i in other.input)
+    return any(o and o in used for o in node.output[1:])
+
+
 def from_onnx(model: Any, node: str | None = None) -> BNState:
     """Read the BatchNormalization node ``node`` (by :func:`bn_nodes`' name; may be omitted
     when there is one) of an ONNX model whose statistics are initializers."""
@@ -77,10 +87,7 @@ def from_onnx(model: Any, node: str | None = None) -> BNState:
                          "graph), so they have no stored value to convert")
     scale, offset, mean, var = (numpy_helper.to_array(inits[i]).copy() for i in n.input[1:5])
     attrs = _attrs(n)
-    training = bool(attrs.get("training_mode", 0))
-    # A training-mode node whose statistics outputs nobody uses normalises with batch
-    # statistics and keeps none: torch's track_running_stats=False.
-    tracks = not training or len([o for o in n.output[1:] if o]) > 0
+    tracks = _keeps_stats(model, n)
     return BNState(
         weight=scale, bias=offset,
         mean=mean if tracks else None, var=var if tracks else None,
@@ -151,7 +158,7 @@ def load_onnx(model: Any, node: str, state: BNState) -> None:
             raise BnlabError(f"{node}: initializer {nm!r} is shared with node "
                              f"{users[0].name or users[0].op_type}; refusing to change both")
     training = bool(_attrs(n).get("training_mode", 0))
-    tracks_here = not training or len([o for o in n.output[1:] if o]) > 0
+    tracks_here = _keeps_stats(model, n)
     if tracks_here != state.tracks_stats:
         raise BnlabError(
             f"{node}: the node {'keeps' if tracks_here else 'keeps no'} running statistics "
@@ -198,7 +205,9 @@ def to_onnx(state: BNState, rank: int = 4, *, training: bool = False,
     names = [f"{name}.weight", f"{name}.bias", f"{name}.running_mean", f"{name}.running_var"]
     inits = [numpy_helper.from_array(np.asarray(a, dt), n)
              for n, a in zip(names, (w, b, mean, var), strict=True)]
-    outputs = ["Y", "running_mean", "running_var"] if training and state.tracks_stats else ["Y"]
+    # ONNX Runtime wants all three outputs of a training-mode node, used or not.
+    outputs = ["Y", "running_mean", "running_var"] if train_node else ["Y"]
+    graph_outputs = outputs if training and state.tracks_stats else ["Y"]
     node = helper.make_node(
         "BatchNormalization", ["X", *names], outputs, name=name,
         epsilon=eps,
@@ -210,7 +219,7 @@ def to_onnx(state: BNState, rank: int = 4, *, training: bool = False,
     graph = helper.make_graph(
         [node], f"{name}_graph", [helper.make_tensor_value_info("X", elem, shape)],
         [helper.make_tensor_value_info("Y", elem, shape),
-         *[helper.make_tensor_value_info(o, elem, [c]) for o in outputs[1:]]],
+         *[helper.make_tensor_value_info(o, elem, [c]) for o in graph_outputs[1:]]],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
