@@ -168,7 +168,7 @@ def test_tracking_off_is_exact_in_flax_and_onnx_and_refused_by_keras() -> None:
     x = np.random.default_rng(2).normal(1.0, 2.0, (8, 3, 2, 2)).astype(np.float32)
     with torch.no_grad():
         ref = bn(torch.from_numpy(x)).numpy()  # eval with batch statistics
-    with pytest.raises(BnlabError, match="track_running_stats=False.*Keras"):
+    with pytest.raises(BnlabError, match=r"track_running_stats=False.*Keras"):
         to_keras(state)
     module, variables = to_flax(state)
     y, _ = module.apply(variables, np.moveaxis(x, 1, -1), mutable=["batch_stats"])

@@ -74,8 +74,10 @@ def _flax_layers(model: tuple[Any, Any], example: tuple[Any, ...],
             found[".".join(path)] = (path, m)
         return next_fun(*args, **kwargs)
 
-    with linen.intercept_methods(interceptor):
-        module.apply(variables, *example, mutable=["batch_stats"], **dict(example_kwargs))
+    jax = _flax.require("jax")
+    with linen.intercept_methods(interceptor):  # traced only: nothing is computed
+        jax.eval_shape(lambda v, *a: module.apply(v, *a, mutable=["batch_stats"],
+                                                  **dict(example_kwargs)), variables, *example)
     return found
 
 

@@ -93,7 +93,8 @@ def from_onnx(model: Any, node: str | None = None) -> BNState:
         mean=mean if tracks else None, var=var if tracks else None,
         eps=float(attrs.get("epsilon", 1e-5)),
         momentum=momentum_from_decay(attrs.get("momentum", 0.9)),
-        variance_update="biased",
+        # An eval node never updates its statistics: it has no training rule to keep.
+        variance_update="biased" if attrs.get("training_mode", 0) else None,
         source="ONNX BatchNormalization",
     )
 

@@ -10,8 +10,9 @@ The state uses PyTorch's conventions (bnlab's: STYLE §5), whatever framework it
   conversion copies it unchanged (no n/(n−1) factor; the conformance tests prove it).
 * ``variance_update`` is what the running variance *tracks* in training: ``"unbiased"``
   (PyTorch adds the batch variance times n/(n−1), n = values per channel in the batch)
-  or ``"biased"`` (Keras, Flax and ONNX Runtime add the batch variance itself). It only
-  matters for continued training, and it is the one convention no momentum can fix.
+  or ``"biased"`` (Keras, Flax and ONNX Runtime add the batch variance itself), or ``None``
+  for a layer that never trains (an ONNX eval graph). It only matters for continued
+  training, and it is the one convention no momentum can fix.
 * ``weight``/``bias`` are ``None`` when the layer has no scale/offset (affine off);
   ``mean``/``var`` are ``None`` when it keeps no statistics (``track_running_stats=False``:
   batch statistics in eval too).
@@ -46,7 +47,7 @@ class BNState:
             cumulative average.
         num_batches_tracked: training steps counted (None when the framework keeps no count).
         variance_update: ``"unbiased"`` or ``"biased"``: the batch variance the running
-            variance tracks in training.
+            variance tracks in training; None when the source has no training rule.
         source: where the state came from (framework and layer), for messages.
     """
 
@@ -57,7 +58,7 @@ class BNState:
     eps: float = 1e-5
     momentum: float | None = 0.1
     num_batches_tracked: int | None = None
-    variance_update: str = "unbiased"
+    variance_update: str | None = "unbiased"
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -76,7 +77,7 @@ class BNState:
                 f"momentum (torch's convention: the new batch's share) must be in [0, 1] or "
                 f"None, got {self.momentum!r}"
             )
-        if self.variance_update not in VARIANCE_UPDATES:
+        if self.variance_update is not None and self.variance_update not in VARIANCE_UPDATES:
             raise BnlabError(
                 f"variance_update must be one of {VARIANCE_UPDATES}, got {self.variance_update!r}"
             )
@@ -132,7 +133,7 @@ def warn(message: str) -> None:
 
 def variance_update_message(state: BNState, target: str, target_update: str) -> str | None:
     """The warning for continued training when the two variance estimators differ."""
-    if state.variance_update == target_update or not state.tracks_stats:
+    if state.variance_update in (None, target_update) or not state.tracks_stats:
         return None
     m = state.momentum
     m_txt = "the cumulative factor" if m is None else f"momentum {m:g}"
