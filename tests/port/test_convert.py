@@ -53,7 +53,7 @@ def test_eval_outputs_agree(pair: tuple[str, str], rank: int, affine: bool, dtyp
 
 
 @pytest.mark.parametrize("pair", [("torch", "keras"), ("keras", "torch"), ("torch", "flax"),
-                                  ("flax", "torch"), ("onnx", "torch")],
+                                  ("flax", "torch")],
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("momentum", [0.1, 0.01])
 @pytest.mark.parametrize("eps", [1e-5, 1e-3])
@@ -68,6 +68,14 @@ def test_running_stats_agree_after_100_training_steps(pair: tuple[str, str], mom
         naive = _measure(case, "naive")
         assert min(naive.mean_err, naive.var_err) > 1e3 * max(ours.mean_err, ours.var_err,
                                                               1e-9)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.01])
+def test_onnx_training_graph_continues_in_torch(momentum: float) -> None:
+    # ONNX attributes are float32: momentum 0.99 is 0.99000001 there, which torch (float64
+    # momentum) reproduces only to ~1e-8 per step, ~1e-6 after 100 steps.
+    r = _measure(H.Case("onnx", "torch", momentum=momentum, steps=100, shape=(8, 3, 2, 2)))
+    assert r.mean_err <= 1e-5 and r.var_err <= 1e-5, r
 
 
 def test_torch_to_onnx_training_warns_and_measures_the_variance_estimator_error() -> None:

@@ -24,6 +24,8 @@ def test_behaviour_table_regenerates_identically(tmp_path: Path) -> None:
         f"{fresh.splitlines()[0]}; committed: {committed.splitlines()[0]}. Regenerate it "
         "with: bnlab port table --out docs/port/behaviour.md"
     )
+    readme = (COMMITTED.parents[2] / "README.md").read_text()
+    assert all(line in readme for line in committed.splitlines() if line), "README's copy"
     # The measured facts bnlab.port's conversions rely on.
     rows = {line.split(" | ")[0].strip("| "): line for line in fresh.splitlines()
             if line.startswith("| ")}
