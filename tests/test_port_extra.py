@@ -25,6 +25,16 @@ def test_bnlab_and_bnlab_port_import_without_any_framework() -> None:
     assert r.stdout.strip() == "[]"
 
 
+def test_importing_bnlab_port_imports_no_framework_even_when_installed() -> None:
+    code = ("import sys, bnlab, bnlab.port\n"
+            "print([m for m in ('jax', 'flax', 'keras', 'onnx', 'onnxruntime', 'torch')"
+            " if m in sys.modules])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_a_conversion_without_the_extra_names_it_in_one_line() -> None:
     r = _run("import numpy as np\n"
              "from bnlab.errors import BnlabError\n"
