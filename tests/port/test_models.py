@@ -257,3 +257,28 @@ def test_unmatched_names_are_listed() -> None:
     dst = _keras_model(_weights(src))
     with pytest.raises(BnlabError, match=r"no target layer for \['conv1.norm'"):
         convert_bn_layers(src, dst)
+
+
+def test_seed_cnn_into_a_torch_onnx_export_with_deduplicated_initializers() -> None:
+    import io
+
+    import onnx
+
+    # A fresh model's running_var equals its weight (ones) and running_mean its bias
+    # (zeros): torch.onnx keeps one initializer of each pair and an Identity for the other.
+    fresh = build_model("seed_cnn", norm="bn", in_shape=IN_SHAPE).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's legacy exporter
+        torch.onnx.export(fresh, (torch.zeros(4, *IN_SHAPE),), buf, dynamo=False,
+                          do_constant_folding=False, input_names=["input"])
+    exported = onnx.load_from_string(buf.getvalue())
+    assert any(n.op_type == "Identity" for n in exported.graph.node)
+    src = _torch_model()
+    src.load_state_dict({k: v for k, v in fresh.state_dict().items() if ".norm." not in k},
+                        strict=False)
+    convert_bn_layers(src, exported)
+    onnx.checker.check_model(exported)
+    x = _x()
+    assert H.rel_err(_onnx_out(exported, x), _torch_out(src, x)) <= 1e-6
+    assert sorted(read_bn_layers(exported)) == sorted(BN_NAMES)

@@ -28,14 +28,12 @@ from bnlab.port import _flax, _keras, _onnx, _torch
 from bnlab.port._deps import require
 from bnlab.port._state import BNState, PortWarning
 
-FRAMEWORKS = ("torch", "keras", "flax", "onnx")
 LABELS = {"torch": "PyTorch", "keras": "Keras 3", "flax": "Flax linen", "onnx": "ONNX Runtime"}
 PAIRS = (("torch", "keras"), ("keras", "torch"), ("torch", "flax"), ("flax", "torch"),
          ("torch", "onnx"), ("onnx", "torch"))
 CONVERSIONS = ("bnlab", "naive", "defaults")
 DEFAULTS = {"torch": (0.1, 1e-5), "keras": (0.01, 1e-3), "flax": (0.01, 1e-5),
             "onnx": (0.1, 1e-5)}  # (torch-convention momentum, eps) of each default layer
-STOCK_UPDATE = {"torch": "unbiased", "keras": "biased", "flax": "biased", "onnx": "biased"}
 
 
 def rel_err(a: np.ndarray | None, b: np.ndarray | None) -> float:

@@ -187,7 +187,8 @@ def to_keras(state: BNState, *, axis: int = -1, rank: int = 4,
         check_float64("Keras", dtype)
     cls = (unbiased_class() if update_rule == "source" and state.variance_update == "unbiased"
            else keras.layers.BatchNormalization)
-    layer = cls(axis=axis, momentum=0.5, epsilon=state.eps, center=state.bias is not None,
+    # momentum (and the cumulative-average warning) are set by load_keras below.
+    layer = cls(axis=axis, epsilon=state.eps, center=state.bias is not None,
                 scale=state.weight is not None, dtype=dtype)
     shape: list[int | None] = [None] * rank
     shape[axis] = state.num_features

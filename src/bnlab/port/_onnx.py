@@ -66,6 +66,68 @@ def _keeps_stats(model: Any, node: Any) -> bool:
     return any(o and o in used for o in node.output[1:])
 
 
+def _resolve(model: Any, name: str) -> str | None:
+    """The initializer an input holds: itself, or reached through Identity nodes (torch.onnx
+    deduplicates equal initializers, e.g. a fresh layer's running_var and weight, all ones,
+    into one initializer and an Identity)."""
+    inits = _initializers(model)
+    producers = {o: nd for nd in model.graph.node for o in nd.output}
+    for _ in range(len(model.graph.node) + 1):
+        if name in inits:
+            return name
+        p = producers.get(name)
+        if p is None or p.op_type != "Identity":
+            return None
+        name = p.input[0]
+    return None
+
+
+def _unique(model: Any, base: str) -> str:
+    taken = {t.name for t in model.graph.initializer}
+    taken |= {o for nd in model.graph.node for o in nd.output}
+    taken |= {v.name for v in model.graph.input}
+    new, i = base, 1
+    while new in taken:
+        new, i = f"{base}{i}", i + 1
+    return new
+
+
+def _own_input(model: Any, node: Any, k: int, role: str, made: list[str]) -> Any:
+    """The initializer feeding ``node.input[k]`` and nothing else, made so if needed.
+
+    Another node sharing the initializer gets a copy under a new name (it keeps the old
+    value); an input reached through Identity nodes becomes an initializer of its own (an
+    Identity that fed only this node is removed). New names go to ``made``.
+    """
+    numpy_helper = require("onnx.numpy_helper")
+    name = node.input[k]
+    inits = _initializers(model)
+    others = [o for o in model.graph.node if o is not node and name in o.input]
+    in_outputs = any(o.name == name for o in model.graph.output)
+    if name in inits and not in_outputs:
+        if others:
+            keep = _unique(model, f"{name}.shared")
+            model.graph.initializer.append(numpy_helper.from_array(
+                numpy_helper.to_array(inits[name]), keep))
+            made.append(keep)
+            for o in others:
+                for i, inp in enumerate(o.input):
+                    if inp == name:
+                        o.input[i] = keep
+        return inits[name]
+    value = numpy_helper.to_array(inits[str(_resolve(model, name))])
+    producer = next((o for o in model.graph.node if name in o.output), None)
+    if producer is not None and not others and not in_outputs:
+        model.graph.node.remove(producer)  # an Identity feeding only this node
+        new = name
+    else:
+        new = _unique(model, f"{name}.{role}")
+    model.graph.initializer.append(numpy_helper.from_array(value, new))
+    made.append(new)
+    node.input[k] = new
+    return model.graph.initializer[-1]
+
+
 def from_onnx(model: Any, node: str | None = None) -> BNState:
     """Read the BatchNormalization node ``node`` (by :func:`bn_nodes`' name; may be omitted
     when there is one) of an ONNX model whose statistics are initializers."""
@@ -81,11 +143,12 @@ def from_onnx(model: Any, node: str | None = None) -> BNState:
                          f"{', '.join(nodes) or '(none)'}")
     n = nodes[node]
     inits = _initializers(model)
-    missing = [i for i in n.input[1:5] if i not in inits]
+    sources = [_resolve(model, i) for i in n.input[1:5]]
+    missing = [i for i, src in zip(n.input[1:5], sources, strict=True) if src is None]
     if missing:
         raise BnlabError(f"{node}: inputs {missing} are not initializers (computed in the "
                          "graph), so they have no stored value to convert")
-    scale, offset, mean, var = (numpy_helper.to_array(inits[i]).copy() for i in n.input[1:5])
+    scale, offset, mean, var = (numpy_helper.to_array(inits[str(i)]).copy() for i in sources)
     attrs = _attrs(n)
     tracks = _keeps_stats(model, n)
     return BNState(
@@ -149,15 +212,11 @@ def load_onnx(model: Any, node: str, state: BNState) -> None:
         raise BnlabError(f"no BatchNormalization node {node!r}; the model has: "
                          f"{', '.join(nodes) or '(none)'}")
     n = nodes[node]
-    inits = _initializers(model)
-    names = list(n.input[1:5])
-    for nm in names:
-        if nm not in inits:
-            raise BnlabError(f"{node}: input {nm!r} is not an initializer")
-        users = [o for o in model.graph.node if nm in o.input and o is not n]
-        if users:
-            raise BnlabError(f"{node}: initializer {nm!r} is shared with node "
-                             f"{users[0].name or users[0].op_type}; refusing to change both")
+    roles = ("weight", "bias", "running_mean", "running_var")
+    for k, role in enumerate(roles, start=1):
+        if _resolve(model, n.input[k]) is None:
+            raise BnlabError(f"{node}: input {n.input[k]!r} ({role}) is computed in the "
+                             "graph, not stored")
     training = bool(_attrs(n).get("training_mode", 0))
     tracks_here = _keeps_stats(model, n)
     if tracks_here != state.tracks_stats:
@@ -168,12 +227,18 @@ def load_onnx(model: Any, node: str, state: BNState) -> None:
     c = state.num_features
     w, b = state.filled()
     mean, var, eps = stored_stats(state, eval_node=not training)
-    for nm, arr in zip(names, (w, b, mean, var), strict=True):
-        old = inits[nm]
-        if tuple(old.dims) != (c,):
-            raise BnlabError(f"{node}: {nm} has shape {tuple(old.dims)}, the state ({c},)")
-        dt = numpy_helper.to_array(old).dtype
-        old.CopyFrom(numpy_helper.from_array(np.asarray(arr, dt), nm))
+    for k, role in enumerate(roles, start=1):
+        src = _initializers(model)[str(_resolve(model, n.input[k]))]
+        if tuple(src.dims) != (c,):
+            raise BnlabError(f"{node}: {role} has shape {tuple(src.dims)}, the state ({c},)")
+    made: list[str] = []
+    for k, (role, arr) in enumerate(zip(roles, (w, b, mean, var), strict=True), start=1):
+        own = _own_input(model, n, k, role, made)
+        dt = numpy_helper.to_array(own).dtype
+        own.CopyFrom(numpy_helper.from_array(np.asarray(arr, dt), own.name))
+    used = {i for nd in model.graph.node for i in nd.input} | {o.name for o in model.graph.output}
+    for t in [t for t in model.graph.initializer if t.name in made and t.name not in used]:
+        model.graph.initializer.remove(t)  # a copy whose only user was a removed Identity
     momentum = _onnx_momentum(state) if training else _eval_momentum(state)
     keep = [a for a in n.attribute if a.name not in ("epsilon", "momentum")]
     del n.attribute[:]

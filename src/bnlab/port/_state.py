@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -100,14 +100,6 @@ class BNState:
     @property
     def affine(self) -> bool:
         return self.weight is not None or self.bias is not None
-
-    def astype(self, dtype: np.dtype | type | str) -> BNState:
-        dt = np.dtype(dtype)
-        def c(v: np.ndarray | None) -> np.ndarray | None:
-            return None if v is None else np.asarray(v, dt)
-
-        return replace(self, weight=c(self.weight), bias=c(self.bias), mean=c(self.mean),
-                       var=c(self.var))
 
     def filled(self) -> tuple[np.ndarray, np.ndarray]:
         """(weight, bias) with the identity (ones, zeros) where the layer has none."""
