@@ -114,23 +114,24 @@ def test_seed_cnn_keras_to_torch_by_name() -> None:
 # --------------------------------------------------------------------------- Flax
 
 
-def _flax_model() -> Any:
+def _flax_model(dtype: Any = np.float32) -> Any:
     import jax.numpy as jnp
     from flax import linen
 
     class SeedCNN(linen.Module):
         @linen.compact
         def __call__(self, x: Any, train: bool = False) -> Any:
+            kw = {"param_dtype": dtype, "dtype": dtype}
             for block, ch in (("conv1", 32), ("conv2", 64)):
-                x = linen.Conv(ch, (3, 3), padding=1, name=f"{block}_layer")(x)
+                x = linen.Conv(ch, (3, 3), padding=1, name=f"{block}_layer", **kw)(x)
                 x = linen.BatchNorm(use_running_average=not train, momentum=0.9,
-                                    name=f"{block}_norm")(x)
+                                    name=f"{block}_norm", **kw)(x)
                 x = linen.max_pool(linen.relu(x), (2, 2), strides=(2, 2))
             x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-            x = linen.Dense(128, name="fc1_layer")(x)
+            x = linen.Dense(128, name="fc1_layer", **kw)(x)
             x = linen.relu(linen.BatchNorm(use_running_average=not train, momentum=0.9,
-                                           name="fc1_norm")(x))
-            return linen.Dense(10, name="fc2")(x)
+                                           name="fc1_norm", **kw)(x))
+            return linen.Dense(10, name="fc2", **kw)(x)
 
     return SeedCNN()
 
@@ -138,8 +139,9 @@ def _flax_model() -> Any:
 def _flax_variables(module: Any, w: dict[str, np.ndarray]) -> dict[str, Any]:
     import jax
 
+    dt = next(iter(w.values())).dtype
     v = module.init(jax.random.PRNGKey(0), np.zeros((1, IN_SHAPE[1], IN_SHAPE[2], IN_SHAPE[0]),
-                                                    np.float32))
+                                                    dt))
     params = dict(v["params"])
     for block in ("conv1", "conv2"):
         params[f"{block}_layer"] = {"kernel": w[f"{block}.layer.weight"].transpose(2, 3, 1, 0),
@@ -155,25 +157,32 @@ def _flax_out(module: Any, variables: Any, x: np.ndarray) -> np.ndarray:
     return np.asarray(jax.jit(module.apply)(variables, np.moveaxis(x, 1, -1)))
 
 
-def test_seed_cnn_torch_to_flax_by_name_and_back() -> None:
-    src = _torch_model()
-    module = _flax_model()
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_seed_cnn_torch_to_flax_by_name_and_back(dtype: str) -> None:
+    with H.precision(dtype):
+        _torch_flax_torch(np.dtype(dtype))
+
+
+def _torch_flax_torch(dtype: np.dtype) -> None:
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    src = _torch_model().to(torch.float64 if dtype == np.float64 else torch.float32)
+    module = _flax_model(dtype)
     variables = _flax_variables(module, _weights(src))
-    x = _x()
+    x = _x().astype(dtype)
     example = (np.moveaxis(x, 1, -1),)
     with pytest.warns(PortWarning, match="running variance"):  # linen's BatchNorm is biased
         new = convert_bn_layers(src, (module, variables), names=_keras_name,
                                 dst_example=example)
-    assert H.rel_err(_flax_out(module, new, x), _torch_out(src, x)) <= 1e-6
+    assert H.rel_err(_flax_out(module, new, x), _torch_out(src, x)) <= tol
     states = read_bn_layers((module, new), example=example)
     assert sorted(states) == sorted(_keras_name(n) for n in BN_NAMES)
-    back = _torch_model(seed=3)
+    back = _torch_model(seed=3).to(src.conv1.norm.weight.dtype)
     back.load_state_dict({k: v for k, v in src.state_dict().items() if ".norm." not in k},
                          strict=False)
     with pytest.warns(PortWarning, match="running variance"):
         convert_bn_layers((module, new), back, names=lambda n: n.replace("_", "."),
                           src_example=example)
-    assert H.rel_err(_torch_out(back, x), _torch_out(src, x)) <= 1e-6
+    assert H.rel_err(_torch_out(back, x), _torch_out(src, x)) <= tol
 
 
 # --------------------------------------------------------------------------- ONNX
