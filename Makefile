@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch (or a range admitting newer releases) pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup port-setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The port extra (jax, flax, keras, onnx, onnxruntime) for bnlab.port's tests.
+port-setup: $(VENV)/.port-installed
+
+$(VENV)/.port-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,port]'
+	touch $@
+
 demo: setup
 	$(BIN)/bnlab demo
 
@@ -25,7 +32,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+test: lint port-setup
 	$(BIN)/python -m pytest
 
 bench: setup

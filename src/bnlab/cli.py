@@ -468,6 +468,15 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
         _add_fold,
         _run_fold,
     ),
+    (
+        "port",
+        "move BN state between PyTorch, Keras 3, Flax and ONNX (check | table)",
+        "bnlab.port's conformance harness ('check': bnlab's conversion next to naive ones, "
+        "eval and after training steps) and the framework behaviour table ('table'). Needs "
+        "the port extra: pip install 'bnlab[port]'.",
+        lambda p: __import__("bnlab.port._cli", fromlist=["add_arguments"]).add_arguments(p),
+        lambda a: __import__("bnlab.port._cli", fromlist=["run"]).run(a),
+    ),
 ]
 
 
