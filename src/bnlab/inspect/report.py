@@ -123,6 +123,17 @@ p.note{color:#555;font-size:.9em}
 """
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None (JSON has no NaN or infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_report(
     results: Sequence[InspectResult], out_dir: str | os.PathLike[str], *, title: str = ""
 ) -> Path:
@@ -157,6 +168,6 @@ def write_report(
             f"<style>{_STYLE}</style></head><body><h1>{heading}</h1><ul>{summary}</ul>"
             f"{''.join(sections)}</body></html>")
     atomic_write_text(out / "stats.json",
-                      json.dumps([r.to_dict() for r in results], indent=1, allow_nan=True))
+                      json.dumps(_json_safe([r.to_dict() for r in results]), indent=1))
     atomic_write_text(out / "index.html", page)
     return out / "index.html"
