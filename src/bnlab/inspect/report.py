@@ -48,6 +48,7 @@ def _figure(result: InspectResult, panel: str) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
     try:
@@ -70,6 +71,7 @@ def _figure(result: InspectResult, panel: str) -> bytes:
                 ax.plot(range(1, len(series) + 1),
                         [v if math.isfinite(v) else float("nan") for v in series], label=name)
             ax.axhline(-3.0, color="k", linestyle="--", linewidth=1)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("step")
             ax.set_ylabel("log10 update:data")
         if panel != "updates":

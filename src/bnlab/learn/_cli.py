@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         width = max(len(n) for n in EXERCISES)
         for name, ex in EXERCISES.items():
-            print(f"{name:<{width}}  {ex.title}: {ex.task}")
+            print(f"{name:<{width}}  {ex.title}\n{'':<{width}}  {ex.task}")
         return 0
     if args.action == "start":
         path = write_template(args.name, args.out, force=args.force)

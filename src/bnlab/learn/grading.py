@@ -703,17 +703,17 @@ EXERCISES: dict[str, Exercise] = {
                  "batchnorm_forward(x, gamma, beta, eps) -> out, for x of shape (N, D)",
                  _forward_cases, _grade_forward),
         Exercise("running", "the running statistics",
-                 "init_running_stats(D) and update_running_stats(running_mean, running_var, "
-                 "x, momentum), PyTorch's convention", _running_cases, _grade_running),
+                 "init_running_stats(D), update_running_stats(running_mean, running_var, x, "
+                 "momentum)", _running_cases, _grade_running),
         Exercise("inference", "a layer with train() and eval()",
-                 "class BatchNorm1d: training, running statistics, inference with them",
+                 "class BatchNorm1d with __call__, train(), eval() and running statistics",
                  _inference_cases, _grade_inference),
         Exercise("backward", "the backward pass, step by step",
                  "batchnorm_backward(dout, x, gamma, eps) -> (dx, dgamma, dbeta)",
                  _backward_cases, _grade_backward),
         Exercise("backward_alt", "the simplified backward pass",
-                 "batchnorm_backward_alt(dout, x, gamma, eps): the same gradients in one "
-                 "expression for dx", _backward_cases, _grade_backward),
+                 "batchnorm_backward_alt(dout, x, gamma, eps), dx in one expression",
+                 _backward_cases, _grade_backward),
         Exercise("spatial", "spatial (2-D) batch norm",
                  "spatial_batchnorm_forward(x, gamma, beta, eps) for x of shape (N, C, H, W)",
                  _spatial_cases, _grade_spatial),
