@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
                         f"{dataset}, {args.steps} steps of SGD lr {args.lr:g}")
     for r in results:
         sat = r.mean_saturation()
-        print(f"{r.label:<22} loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}  "
+        print(f"{r.label:<16} loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}  "
               f"saturated {'n/a' if sat is None else f'{100 * sat:.1f}%'}  "
-              f"median log10 update:data {r.median_update_ratio():+.2f} (1e-3 is -3)")
+              f"log10 update:data {r.median_update_ratio():+.2f}")
     print(f"wrote {page} ({time.perf_counter() - start:.1f} s)")
     return 0
