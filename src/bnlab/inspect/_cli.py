@@ -26,6 +26,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
                    help="a model.safetensors from 'bnlab train' (default: a fresh --model)")
@@ -44,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training steps for the update:data panel")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size")
     p.add_argument("--lr", type=_positive_float, default=0.1, help="SGD learning rate")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--momentum", type=_non_negative_float, default=0.0, help="SGD momentum")
     p.add_argument("--init-scale", type=_positive_float, default=1.0,
                    help="without CHECKPOINT: multiply every conv/linear weight after init")
     p.add_argument("--seed", type=int, default=0, help="seed for init and batch order")

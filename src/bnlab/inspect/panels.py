@@ -47,7 +47,11 @@ class Histogram:
 
     @classmethod
     def of(cls, t: torch.Tensor) -> Histogram:
+        """The finite values of ``t`` (a diverged layer's NaN/inf are left out)."""
         v = t.detach().double().flatten()
+        v = v[torch.isfinite(v)]
+        if v.numel() == 0:
+            return cls(0.0, 1.0, [0.0] * HIST_BINS)
         lo, hi = float(v.min()), float(v.max())
         if hi <= lo:
             hi = lo + 1e-12
@@ -111,9 +115,11 @@ class InspectResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every number, as plain dicts and lists (what ``stats.json`` holds)."""
         return asdict(self)
 
     def mean_saturation(self) -> float | None:
+        """Mean saturated share over the tanh/sigmoid layers; None when there are none."""
         vals = [a.saturated for a in self.activations if a.saturated is not None]
         return sum(vals) / len(vals) if vals else None
 
@@ -217,6 +223,8 @@ def inspect(
         raise ValueError(f"inspect: steps must be >= 1, got {steps}")
     if not lr > 0:
         raise ValueError(f"inspect: lr must be > 0, got {lr}")
+    if not momentum >= 0:
+        raise ValueError(f"inspect: momentum must be >= 0, got {momentum}")
     loss_fn = loss_fn or nn.functional.cross_entropy
     acts = [(n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATIONS)]
     weights = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
