@@ -23,6 +23,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -57,9 +58,9 @@ RUNNING_VAR_ZERO = (
     "(CS231n's starter code has this bug)"
 )
 OPPOSITE_MOMENTUM = (
-    "you used the opposite momentum convention, new = momentum·old + (1 − momentum)·batch: "
-    "in PyTorch momentum is the share of the new batch, new = (1 − momentum)·old + "
-    "momentum·batch, default 0.1 (Keras' and TensorFlow's momentum=0.99 is PyTorch's 0.01; "
+    "you used the opposite momentum convention, new = momentum·old + (1−momentum)·batch: "
+    "in PyTorch momentum is the new batch's share, new = (1−momentum)·old + momentum·batch, "
+    "default 0.1 (Keras' and TensorFlow's momentum=0.99 is PyTorch's 0.01; "
     "d2l-ai/d2l-en#2213)"
 )
 BATCH_STATS_AT_INFERENCE = (
@@ -700,13 +701,13 @@ EXERCISES: dict[str, Exercise] = {
     e.name: e
     for e in (
         Exercise("forward", "the forward pass in training mode",
-                 "batchnorm_forward(x, gamma, beta, eps) -> out, for x of shape (N, D)",
+                 "batchnorm_forward(x, gamma, beta, eps) -> out, x of shape (N, D)",
                  _forward_cases, _grade_forward),
         Exercise("running", "the running statistics",
-                 "init_running_stats(D), update_running_stats(running_mean, running_var, x, "
-                 "momentum)", _running_cases, _grade_running),
+                 "init_running_stats(D), update_running_stats(mean, var, x, momentum)",
+                 _running_cases, _grade_running),
         Exercise("inference", "a layer with train() and eval()",
-                 "class BatchNorm1d with __call__, train(), eval() and running statistics",
+                 "class BatchNorm1d: __call__, train(), eval(), running statistics",
                  _inference_cases, _grade_inference),
         Exercise("backward", "the backward pass, step by step",
                  "batchnorm_backward(dout, x, gamma, eps) -> (dx, dgamma, dbeta)",
@@ -715,7 +716,7 @@ EXERCISES: dict[str, Exercise] = {
                  "batchnorm_backward_alt(dout, x, gamma, eps), dx in one expression",
                  _backward_cases, _grade_backward),
         Exercise("spatial", "spatial (2-D) batch norm",
-                 "spatial_batchnorm_forward(x, gamma, beta, eps) for x of shape (N, C, H, W)",
+                 "spatial_batchnorm_forward(x, gamma, beta, eps), x of shape (N, C, H, W)",
                  _spatial_cases, _grade_spatial),
     )
 }
@@ -756,7 +757,11 @@ class Grade:
         if self.passed:
             return (f"PASS {head}\n  matches bnlab.core and torch to {self.max_diff:.1e} "
                     f"(relative; tolerance {TOL:g}) in {self.seconds:.1f} s")
-        lines = [f"FAIL {head}"] + [f"  - {p}" for p in self.problems]
+        lines = [f"FAIL {head}"] + [
+            textwrap.fill(p, width=88, initial_indent="  - ", subsequent_indent="    ",
+                          break_on_hyphens=False, break_long_words=False)
+            for p in self.problems
+        ]
         lines.append(f"  rerun with --seed {self.seed} to get the same cases")
         return "\n".join(lines)
 
