@@ -716,7 +716,7 @@ EXERCISES: dict[str, Exercise] = {
                  "batchnorm_backward_alt(dout, x, gamma, eps), dx in one expression",
                  _backward_cases, _grade_backward),
         Exercise("spatial", "spatial (2-D) batch norm",
-                 "spatial_batchnorm_forward(x, gamma, beta, eps), x of shape (N, C, H, W)",
+                 "spatial_batchnorm_forward(x, gamma, beta, eps), x: (N, C, H, W)",
                  _spatial_cases, _grade_spatial),
     )
 }
@@ -758,7 +758,7 @@ class Grade:
             return (f"PASS {head}\n  matches bnlab.core and torch to {self.max_diff:.1e} "
                     f"(relative; tolerance {TOL:g}) in {self.seconds:.1f} s")
         lines = [f"FAIL {head}"] + [
-            textwrap.fill(p, width=88, initial_indent="  - ", subsequent_indent="    ",
+            textwrap.fill(p, width=84, initial_indent="  - ", subsequent_indent="    ",
                           break_on_hyphens=False, break_long_words=False)
             for p in self.problems
         ]
