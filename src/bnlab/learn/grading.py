@@ -809,14 +809,24 @@ def _run_child(
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         cmd = [sys.executable, "-I", _child.__file__, ex.name, str(path.resolve()),
                str(inputs), str(outputs), str(result)]
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         try:
-            proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
-                                  timeout=timeout, check=False)
+            _torch()  # import torch for the references while the learner's code runs
+            left = max(timeout - (time.monotonic() - start), 0.1)
+            stdout, stderr = proc.communicate(timeout=left)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             return [], (f"your code did not finish within {timeout:g} s (an endless loop? "
                         f"the cases are small: N ≤ 32)")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if not result.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            tail = (stderr or stdout).strip().splitlines()[-3:]
             return [], (f"your file ended the grading process (exit code {proc.returncode})"
                         + (": " + " | ".join(tail) if tail else ""))
         verdict = json.loads(result.read_text(encoding="utf-8"))
