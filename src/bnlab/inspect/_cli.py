@@ -43,8 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="without CHECKPOINT: the model to build (see 'bnlab models')")
     p.add_argument("--norm", default="bn", help="without CHECKPOINT: its norm (bn, none, …)")
     p.add_argument("--compare-norm", default=None, metavar="NORM",
-                   help="also inspect the same architecture with this norm (freshly "
-                   "initialised, same seed and batches), side by side; e.g. none")
+                   help="also inspect the same architecture with this norm, freshly "
+                   "initialised (labelled NAME-NORM-init next to a checkpoint), on the same "
+                   "batches, side by side; e.g. none")
     p.add_argument("--dataset", default=None,
                    help="training data (default: the checkpoint's dataset, else digits)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
@@ -96,8 +97,8 @@ def _build(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], str, Any]:
                             **arch["model_kwargs"])
         scale_init(model, arch["init_scale"])
         label = f"{arch['name']}-{norm}"
-        if any(label == taken for taken, _ in models):
-            label += "-fresh"
+        if args.checkpoint is not None:
+            label += "-init"  # freshly initialised, next to the trained checkpoint
         models.append((label, model))
     return models, dataset, splits
 
