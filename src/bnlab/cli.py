@@ -373,6 +373,33 @@ def _run_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- learn / inspect
+
+
+def _add_learn(p: argparse.ArgumentParser) -> None:
+    from bnlab.learn._cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_learn(args: argparse.Namespace) -> int:
+    from bnlab.learn._cli import run
+
+    return run(args)
+
+
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    from bnlab.inspect._cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from bnlab.inspect._cli import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- commands
 
 # (name, one-line help, description, add_arguments, handler). Each later issue adds its
@@ -476,6 +503,25 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
         "the port extra: pip install 'bnlab[port]'.",
         lambda p: __import__("bnlab.port._cli", fromlist=["add_arguments"]).add_arguments(p),
         lambda a: __import__("bnlab.port._cli", fromlist=["run"]).run(a),
+    ),
+    (
+        "learn",
+        "exercises: write batch norm yourself, graded against bnlab.core and torch",
+        "list: the exercises; start NAME: write a template to complete; check FILE: run it "
+        "(in its own process, with a timeout) on randomized cases and name the mistake when "
+        "an answer is wrong. Exit 0 pass, 1 fail, 2 bad input.",
+        _add_learn,
+        _run_learn,
+    ),
+    (
+        "inspect",
+        "Karpathy's four diagnostic panels for a model (activations, gradients, updates)",
+        "Per layer: activation statistics and histograms (saturation for tanh/sigmoid, dead "
+        "units for ReLU), gradient statistics and histograms, grad:data ratio per weight, "
+        "and update:data ratio over a short training run against a 1e-3 line; written as "
+        "PNGs and a self-contained HTML page. Hooks only: the model is restored afterwards.",
+        _add_inspect,
+        _run_inspect,
     ),
 ]
 

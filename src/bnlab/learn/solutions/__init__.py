@@ -1,0 +1,1 @@
+"""Reference solutions of the exercises: each passes ``bnlab learn check``."""

@@ -1,0 +1,1 @@
+"""The files ``bnlab learn start NAME`` writes: one per exercise, to be completed."""
