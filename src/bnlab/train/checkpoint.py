@@ -85,14 +85,13 @@ def config_from_metadata(
         config = TrainConfig.from_json(metadata["config"])
         in_shape = json.loads(metadata["in_shape"])
         num_classes = json.loads(metadata["num_classes"])
+        validate_config(config, runnable=False)
+    except ConfigError as exc:
+        raise BnlabError(f"checkpoint {path}: its config is invalid: {exc}") from None
     except KeyError as exc:
         raise BnlabError(f"checkpoint {path}: broken bnlab metadata (no {exc})") from None
     except (ValueError, TypeError) as exc:
         raise BnlabError(f"checkpoint {path}: broken bnlab metadata ({exc})") from None
-    try:
-        validate_config(config, runnable=False)
-    except ConfigError as exc:
-        raise BnlabError(f"checkpoint {path}: its config is invalid: {exc}") from None
     shape, classes = dataset_shape(config)
     if not isinstance(in_shape, list) or tuple(in_shape) != shape:
         raise BnlabError(f"checkpoint {path}: in_shape {in_shape!r} is not {config.dataset}'s "

@@ -272,7 +272,7 @@ def validate_config(config: TrainConfig, *, runnable: bool = True) -> None:
     """Raise :class:`ConfigError` naming the first bad value and what was expected.
 
     Checks each field's rule, then the model's options, the norm's options (against the
-    option names the norm declares, and the values on one norm layer of 4 channels), the
+    option names the norm declares, and the values on one norm layer), the
     batch size a batch-statistics norm needs, and the memory of the model described (for
     the dataset's input). Builds no model. ``runnable=False`` (a checkpoint's config, to be
     evaluated here) skips the check that the config's device exists on this machine.
@@ -321,18 +321,19 @@ def check_model_options(model: str, options: dict[str, Any]) -> None:
             raise ConfigError("model_kwargs", f"model option {exc}", option=key) from None
 
 
+_PROBE_CHANNELS = 64  # one norm layer this wide stands for the model's (a few KB)
 _NOT_NORM_OPTIONS = {"self", "num_features", "num_channels", "num_groups", "dim", "device",
                      "dtype", "args", "kwargs"}
 
 
 def norm_options_of(norm: str) -> dict[str, Any]:
     """The options norm ``norm`` declares, with defaults: its factory's own keyword
-    arguments plus those of the module class it builds (one layer of 4 channels)."""
+    arguments plus those of the module class it builds."""
     from bnlab.models.norms import make_norm, norm_spec
 
     spec = norm_spec(norm)
     declared: dict[str, Any] = {}
-    for fn in (spec.factory, type(make_norm(norm, 4, 1)).__init__):
+    for fn in (spec.factory, type(make_norm(norm, _PROBE_CHANNELS, 1)).__init__):
         for k, p in inspect.signature(fn).parameters.items():
             if k not in _NOT_NORM_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD,
                                                           p.KEYWORD_ONLY):
@@ -368,16 +369,16 @@ def check_norm_options(norm: str, options: dict[str, Any]) -> bool:
         except ConfigError as exc:
             raise ConfigError("norm_kwargs", f"norm option {exc}", option=key) from None
     try:
-        layer = make_norm(norm, 4, 1, **options).train()
+        layer = make_norm(norm, _PROBE_CHANNELS, 1, **options).train()
         with torch.no_grad():
-            layer(torch.zeros(2, 4))
+            layer(torch.zeros(2, _PROBE_CHANNELS))
     except (RuntimeError, TypeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError("norm_kwargs", f"norm {norm!r} with options {options} cannot run: "
                           f"{first}") from None
     try:
         with torch.no_grad():
-            layer(torch.zeros(1, 4))
+            layer(torch.zeros(1, _PROBE_CHANNELS))
     except (RuntimeError, ValueError):
         return True
     return False
