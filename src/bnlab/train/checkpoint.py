@@ -32,8 +32,8 @@ from torch import nn
 from bnlab import __version__
 from bnlab._io import atomic_path
 from bnlab.errors import BnlabError
-from bnlab.train.builder import build, dataset_shape
-from bnlab.train.config import ConfigError, TrainConfig, state_shapes, validate_config
+from bnlab.train.builder import build, dataset_shape, state_shapes
+from bnlab.train.config import ConfigError, TrainConfig, validate_config
 
 PLAIN = "bnlab"
 FOLDED = "bnlab-folded"
@@ -140,11 +140,8 @@ def load_folded(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig]:
     from bnlab.nn import fold_bn
 
     info = read_checkpoint_info(path, formats=(FOLDED,))
-    with torch.device("meta"):
-        shapes = {k: (tuple(v.shape), v.dtype) for k, v in
-                  fold_bn(build(info.config, info.in_shape, info.num_classes, seeded=False)
-                          ).state_dict().items()}
-    _check_tensors(info, shapes)
+    meta = fold_bn(build(info.config, info.in_shape, info.num_classes, device="meta"))
+    _check_tensors(info, {k: (tuple(v.shape), v.dtype) for k, v in meta.state_dict().items()})
     folded = fold_bn(build(info.config, info.in_shape, info.num_classes, seeded=False))
     _load_into(info, folded)
     return folded.eval(), info.config

@@ -171,8 +171,8 @@ class TrainConfig:
     Exactly one of ``steps`` / ``epochs`` is set (``steps`` wins if both are given by a
     caller that means it; the CLI refuses both). ``model_kwargs`` go to the model builder
     (``depth``, ``width``, ``dropout`` …), ``norm_kwargs`` to every norm layer
-    (``momentum``, ``virtual_batch_size`` …). Each field's help text is in its metadata
-    (``TrainConfig.help(name)``).
+    (``momentum``, ``virtual_batch_size`` …). Each field's help text and value rule are in
+    its metadata (``dataclasses.fields(TrainConfig)``).
     """
 
     model: str = _opt("seed_cnn", "see 'bnlab models'", choice(_model_name))
@@ -220,10 +220,6 @@ class TrainConfig:
                                  "within this", number(0, MAX_DIST_TIMEOUT_S, low_open=True),
                                  flag="--dist-timeout", metavar="S")
     device: str = _opt("cpu", "cpu or cuda", one_of(DEVICES, "device"))
-
-    @staticmethod
-    def help(name: str) -> str:
-        return str(_FIELDS[name].metadata["help"])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -392,26 +388,12 @@ def memory_limit_bytes() -> int:
         return 16 * 2**30
 
 
-def state_shapes(config: TrainConfig, in_shape: tuple[int, ...], num_classes: int
-                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """(shape, dtype) of every tensor in the state dict of the model ``config`` describes,
-    from a build on the ``meta`` device (no memory is allocated)."""
-    import torch
-
-    from bnlab.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(config.model, norm=config.norm, placement=config.placement,
-                            in_shape=tuple(in_shape),  # type: ignore[arg-type]
-                            num_classes=num_classes, norm_kwargs=dict(config.norm_kwargs),
-                            **dict(config.model_kwargs))
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-
-
 def check_model_memory(config: TrainConfig, in_shape: tuple[int, ...], num_classes: int,
                        limit: int | None = None) -> int:
     """Refuse a model whose training state (weights, gradients, optimizer state) would not
     fit in ``limit`` bytes (default: :func:`memory_limit_bytes`); returns the state bytes."""
+    from bnlab.train.builder import state_shapes
+
     shapes = state_shapes(config, in_shape, num_classes)
     state = sum(math.prod(s) * dtype.itemsize for s, dtype in shapes.values())
     need = 4 * state  # weights, gradients, and two optimizer buffers (Adam) at most
