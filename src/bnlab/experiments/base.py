@@ -196,12 +196,10 @@ def train_config(cfg: Any, dataset: str, seed: int, **run: Any) -> TrainConfig:
 
 def write_run_files(run_dir: Path, metrics: Sequence[dict[str, Any]], summary: dict[str, Any],
                     extra: dict[str, Any] | None = None) -> None:
-    """Write ``metrics.jsonl`` then ``summary.json`` (last: its presence = run complete)."""
-    from bnlab._io import atomic_write_json, atomic_write_text
+    """Write the run folder (:func:`bnlab.train.runfiles.write_run`: summary.json last)."""
+    from bnlab.train.runfiles import write_run
 
-    text = "".join(json.dumps(m, allow_nan=True) + "\n" for m in metrics)
-    atomic_write_text(run_dir / "metrics.jsonl", text)
-    atomic_write_json(run_dir / "summary.json", {**summary, **(extra or {})})
+    write_run(run_dir, metrics, summary, extra)
 
 
 # --------------------------------------------------------------------------- statistics
