@@ -12,7 +12,6 @@ partial temporary file is removed and the target is left as it was.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-from bnlab.errors import BnlabError
+from bnlab.errors import DISK_FULL, BnlabError, describe_os_error, errno_text
 
 
 def _read_umask() -> int:
@@ -36,8 +35,6 @@ _UMASK = _read_umask()
 # mkstemp's random part: 8 characters of [a-z0-9_].
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
 _STAGING_NAME = re.compile(r"^\.bnlab-staging\.(?P<pid>\d+)\.[a-z0-9_]{8}$")
-_FULL = {errno.ENOSPC: "no space left on the device", errno.EFBIG:
-         "the file-size limit was reached (ulimit -f)", errno.EDQUOT: "the disk quota is full"}
 # safetensors (Rust) reports an I/O failure as text: "... Os { code: 28, kind: StorageFull".
 _RUST_ERRNO = re.compile(r"\bOs \{ code: (\d+)")
 
@@ -66,7 +63,7 @@ def _full_reason(exc: BaseException) -> str | None:
     if code is None and not isinstance(exc, OSError):
         match = _RUST_ERRNO.search(str(exc))
         code = int(match.group(1)) if match else None
-    return _FULL.get(code) if code is not None else None
+    return errno_text(code) if code in DISK_FULL else None
 
 
 def _write_error(target: Path, existed: bool, reason: str) -> WriteError:
@@ -84,6 +81,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     disk or file-size limit becomes :class:`WriteError`.
     """
     target = Path(path)
+    if target.is_dir():
+        raise BnlabError(f"{target}: is a folder, expected a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     existed = target.exists()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
@@ -96,7 +95,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(fh.fileno())
         # mkstemp creates 0600 files; give the result the mode a plain open() would have.
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:  # named after the target, not the temporary file
+            raise BnlabError(f"cannot write {describe_os_error(exc, target)}") from None
     except Exception as exc:
         reason = _full_reason(exc)
         if reason is None:

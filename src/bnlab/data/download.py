@@ -21,7 +21,6 @@ import math
 import os
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
