@@ -36,7 +36,7 @@ _UMASK = _read_umask()
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
 _STAGING_NAME = re.compile(r"^\.bnlab-staging\.(?P<pid>\d+)\.[a-z0-9_]{8}$")
 # safetensors (Rust) reports an I/O failure as text: "... Os { code: 28, kind: StorageFull".
-_RUST_ERRNO = re.compile(r"\bOs \{ code: (\d+)")
+_RUST_ERRNO = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
 
 
 class WriteError(BnlabError):

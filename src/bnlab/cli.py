@@ -61,9 +61,31 @@ def _non_negative_float(text: str) -> float:
 # --------------------------------------------------------------------------- verify
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+MAX_THREADS = 256
+"""More threads than this is no measurement (and thousands crash the thread pools)."""
+
+
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
+    return value
+
+
 def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--seed", type=int, default=0, help="seed for the random test inputs (default: 0)"
+        "--seed", type=_non_negative_int, default=0,
+        help="seed for the random test inputs (default: 0)"
     )
 
 
@@ -77,7 +99,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive_int, nargs="+", default=None,
+    p.add_argument("--threads", type=_thread_count, nargs="+", default=None,
                    help="thread counts to measure, both sides pinned to each "
                    "(default: 1 and all cores)")
     p.add_argument("--reps", type=_positive_int, default=20,

@@ -58,6 +58,9 @@ from bnlab.errors import BnlabError
 DEFAULT_TIMEOUT_S = 120.0
 """Default process-group timeout in seconds: how long a collective waits for a peer."""
 
+_KILL_SLACK_S = 1.0
+"""How much earlier than it was seen a SIGKILLed worker's exit counts (see _root_causes)."""
+
 MAX_TIMEOUT_S = 1e9
 """Timeouts at or above this (about 31 years) are refused: torch cannot represent them."""
 
@@ -345,7 +348,13 @@ def _root_causes(failures: dict[int, Any], records: dict[int, FailureRecord],
     def moment(r: int) -> float:
         t = records[r].time if r in records else never
         if first_exit is not None and getattr(failures[r], "pid", None) == first_exit.pid:
-            t = min(t, first_exit.time)
+            seen = first_exit.time
+            if r not in records and failures[r].exitcode == -int(signal.SIGKILL):
+                # Its sockets closed as it died, a moment before the exit was seen: a peer
+                # can record the broken collective in between. Nothing in bnlab or torch
+                # sends SIGKILL, so a worker dying of it first is the cause.
+                seen -= _KILL_SLACK_S
+            t = min(t, seen)
         return t
 
     return sorted(real, key=lambda r: (moment(r), failures[r].timestamp, r))

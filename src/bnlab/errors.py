@@ -20,7 +20,7 @@ _EXPECTED = {
                   "a symlink to nothing)",
     errno.ENOTDIR: "a part of the path is a file where a folder was expected",
     errno.EISDIR: "is a folder, expected a file",
-    errno.EEXIST: "already exists",
+    errno.EEXIST: "already exists and is not a folder (a file, or a symlink to nothing)",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
     errno.EROFS: "on a read-only file system",

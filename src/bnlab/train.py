@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bnlab import __version__
-from bnlab._io import append_jsonl, atomic_path, atomic_write_json
+from bnlab._io import append_jsonl, atomic_path, atomic_write_json, remove_stale_temps
 from bnlab._progress import Progress
 from bnlab.distributed import record_failure
 from bnlab.errors import BnlabError
@@ -188,6 +188,7 @@ def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     if out.exists():
         if not out.is_dir():
             raise BnlabError(f"--out {out}: exists and is not a directory")
+        remove_stale_temps(out)  # what killed runs left (ours by name, their PID gone)
         if not os.access(out, os.W_OK | os.X_OK):
             raise BnlabError(f"--out {out}: directory is not writable")
         if any(out.iterdir()) and not overwrite:

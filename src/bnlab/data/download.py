@@ -136,7 +136,7 @@ def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
         class Watched(base):  # type: ignore[valid-type,misc]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                create = self._create_connection  # the TCP socket, before any TLS
+                create = self._create_connection  # type: ignore[has-type]  # TCP, pre-TLS
                 self._create_connection = lambda *a, **k: watchdog.watch(create(*a, **k))
 
             def connect(self) -> None:
@@ -152,7 +152,7 @@ def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
     class HTTPS(urllib.request.HTTPSHandler):
         def https_open(self, req: Any) -> Any:
             return self.do_open(watched(http.client.HTTPSConnection), req,
-                                context=self._context)
+                                context=getattr(self, "_context", None))
 
     opener = urllib.request.OpenerDirector()
     for handler in (urllib.request.ProxyHandler(), HTTP(), HTTPS(),

@@ -86,7 +86,8 @@ def read_idx(path: str | os.PathLike[str], *, expect_magic: int | None = None,
             file_size = os.fstat(raw.fileno()).st_size
             compressed = raw.read(2) == b"\x1f\x8b"
             raw.seek(0)
-            fh: IO[bytes] = gzip.GzipFile(fileobj=raw) if compressed else raw
+            fh: IO[bytes] = (gzip.GzipFile(fileobj=raw) if compressed  # type: ignore[assignment]
+                             else raw)
             capacity = file_size * _MAX_GZIP_RATIO if compressed else file_size
             try:
                 return _read(p, fh, expect_magic, max_bytes, compressed, capacity)
