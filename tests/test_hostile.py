@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -182,62 +183,72 @@ def test_report_out_pointing_at_a_file(tmp_path: Path,
 # --------------------------------------------------------------------------- signals, pipes
 
 
-def test_closed_stdout_ends_quietly() -> None:
-    """`bnlab experiment list | head -1`: the reader is gone before bnlab writes (its read
-    end closed at once, which is head at its most impatient). No BrokenPipeError."""
-    proc = subprocess.Popen([sys.executable, "-m", "bnlab", "experiment", "list"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
-    assert err == ""
+def test_closed_stdout_ends_quietly(monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`bnlab experiment list | head -1` with head gone before bnlab writes (its read end
+    closed at once): was a BrokenPipeError traceback; now silent, exit 141 (128 + SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    broken = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", broken)
+    try:
+        code = main(["experiment", "list"])
+        broken.write("more output after the reader left")
+        broken.flush()  # stdout now goes to /dev/null: the interpreter's exit flush is safe
+    finally:
+        monkeypatch.undo()
+        broken.close()
+    assert code == 128 + signal.SIGPIPE
+    assert capsys.readouterr().err == ""
 
 
-def _start_training(out: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bnlab", "train", "--dataset", "digits", "--steps", "100000",
-         "--eval-every", "5", "--eval-subset", "32", "--threads", "1", "--out", str(out),
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
-def test_sigterm_is_like_ctrl_c(tmp_path: Path) -> None:
+def test_sigterm_is_like_ctrl_c(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM used to end `bnlab train` silently; now it prints "interrupted (SIGTERM)"
     after the same cleanup as Ctrl-C, and exits 143. The run is incomplete: metrics.jsonl
     (what was evaluated so far), no summary.json, no checkpoint, no temp file."""
     out = tmp_path / "run"
-    proc = _start_training(out)
-    _wait_for(out / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert _one_line(stderr) == "bnlab train: interrupted (SIGTERM)"
+    metrics = out / "metrics.jsonl"
+    stop = threading.Event()
+
+    def terminate_once_training() -> None:
+        # only once the run writes metrics, so main()'s handler is surely installed
+        while not stop.is_set():
+            if metrics.exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=terminate_once_training, daemon=True)
+    killer.start()
+    try:
+        code, _, err = _cli(["train", "--dataset", "digits", "--steps", "100000",
+                             "--eval-every", "5", "--eval-subset", "32", "--threads", "1",
+                             "--out", str(out)], capsys)
+    finally:
+        stop.set()
+        killer.join()
+    assert code == 128 + signal.SIGTERM, err
+    assert _one_line(err) == "bnlab train: interrupted (SIGTERM)"
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
-def test_file_size_limit_while_saving_says_what_is_intact(tmp_path: Path) -> None:
+def test_file_size_limit_while_saving_says_what_is_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """RLIMIT_FSIZE below the checkpoint's size (SIGXFSZ ignored, so writes fail with EFBIG):
     was a SafetensorError traceback; now one line, exit 2, the partial temp file removed."""
     out = tmp_path / "run"
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
-
-    proc = subprocess.run([sys.executable, "-m", "bnlab", "train", *FAST, "--out", str(out)],
-                          capture_output=True, text=True, env=_env(), timeout=120,
-                          preexec_fn=limit)
-    assert proc.returncode == 2, proc.stderr
-    _one_line(proc.stderr, f"cannot write {out / 'model.safetensors'}: the file-size limit",
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        code, _, err = _cli(["train", *FAST, "--out", str(out)], capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert code == 2, err
+    _one_line(err, f"cannot write {out / 'model.safetensors'}: the file-size limit",
               "no model.safetensors was written", "partial temporary file was removed")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
 
