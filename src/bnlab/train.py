@@ -182,7 +182,7 @@ def validate_config(config: TrainConfig) -> None:
 def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     """Refuse an ``out_dir`` that is a file, not writable, or non-empty (unless overwrite).
 
-    Creates nothing.
+    Creates nothing; removes only the temporary files that dead bnlab processes left there.
     """
     out = Path(out_dir)
     if out.exists():
