@@ -125,7 +125,7 @@ def test_body_larger_than_the_expected_size_is_refused_at_once(hostile, tmp_path
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
     assert _listing(dest.parent) == []  # no partial file either
-    assert elapsed < 5, elapsed
+    assert elapsed < 10, elapsed
     # the client hung up long before the server was done (socket buffers aside)
     assert _wait_sent(hostile) < 32 * MiB
 
@@ -142,7 +142,7 @@ def test_trickling_server_is_cut_off_by_the_deadline(hostile, tmp_path: Path, ki
         download("file.bin", dest, GOOD_SHA, [_url(hostile, kind)], size=len(PAYLOAD),
                  progress=False)
     elapsed = time.monotonic() - t0
-    assert 0.9 < elapsed < 3.0, elapsed
+    assert 0.9 < elapsed < 5.0, elapsed  # cut off near 1 s, not after 20 s of trickle
     assert _listing(tmp_path) == []
 
 
