@@ -69,18 +69,19 @@ class Progress:
         print(f"{self.desc}: {done} {self.unit} ({elapsed:.0f}s{eta}){extra}", file=sys.stderr,
               flush=True)
 
-    def close(self) -> None:
+    def close(self, *, final_line: bool = True) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif not self.silent and self.n:
+        elif not self.silent and self.n and final_line:
             self._line()
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # On an error, no closing progress line: the error's own line is what to read.
+        self.close(final_line=exc_type is None)
 
 
 def progress(

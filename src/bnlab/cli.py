@@ -4,18 +4,26 @@ Every command parses its arguments here and calls into the modules that do the w
 (``bnlab.verify``, ``bnlab.train``, ``bnlab.experiments`` …), imported lazily so that
 ``bnlab --help`` is instant and ``bnlab verify`` never needs more than it uses.
 
-Errors a person can fix (:class:`bnlab.errors.BnlabError`, argparse's own) print one line
-to stderr and exit with code 2, without a traceback.
+One error path for every command (:func:`main`): errors a person can fix
+(:class:`bnlab.errors.BnlabError`, argparse's own, an ``OSError`` at a path they gave) print
+one line to stderr and exit with code 2, without a traceback. Ctrl-C (SIGINT) and SIGTERM
+print "interrupted" after the same cleanup (``finally`` blocks, temp files removed) and exit
+130 and 143; a closed stdout (``bnlab … | head -1``) ends quietly with 141.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import NoReturn
 
 from bnlab import __version__
-from bnlab.errors import BnlabError
+from bnlab.errors import DISK_FULL, BnlabError, describe_os_error
 from bnlab.train._cli import positive_int as _positive_int
 
 Handler = Callable[[argparse.Namespace], int]
@@ -24,9 +32,31 @@ Handler = Callable[[argparse.Namespace], int]
 # --------------------------------------------------------------------------- verify
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+MAX_THREADS = 256
+"""More threads than this is no measurement (and thousands crash the thread pools)."""
+
+
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
+    return value
+
+
 def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--seed", type=int, default=0, help="seed for the random test inputs (default: 0)"
+        "--seed", type=_non_negative_int, default=0,
+        help="seed for the random test inputs (default: 0)"
     )
 
 
@@ -40,7 +70,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive_int, nargs="+", default=None,
+    p.add_argument("--threads", type=_thread_count, nargs="+", default=None,
                    help="thread counts to measure, both sides pinned to each "
                    "(default: 1 and all cores)")
     p.add_argument("--reps", type=_positive_int, default=20,
@@ -389,8 +419,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (and where to find the usage); exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bnlab",
         description="bnlab: batch normalization, from the math to the cluster.",
         epilog="Run 'bnlab COMMAND --help' for a command's options.",
@@ -410,18 +447,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`_Terminated` in the block. Not in a torchrun worker: torchrun
+    stops the surviving workers with SIGTERM and tells that teardown apart from a real
+    failure by the signal they die of, so a worker keeps the default (die at once)."""
+    if "LOCAL_RANK" in os.environ or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _say(prog: str, text: str) -> None:
+    with suppress(BrokenPipeError, ValueError):  # stderr closed too: nobody to tell
+        print(f"{prog}: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args._handler
+    prog = f"bnlab {args.command}"
     try:
-        return handler(args)
-    except BnlabError as exc:
-        print(f"bnlab {args.command}: error: {exc}", file=sys.stderr)
+        with _sigterm_as_interrupt():
+            code = handler(args)
+            sys.stdout.flush()  # a closed pipe shows here, not at exit as a traceback
+        return code
+    except BaseException as exc:
+        return _failed(prog, exc)
+
+
+def _failed(prog: str, exc: BaseException) -> int:
+    """Print ``exc`` as one line and return the exit code; re-raise what is a bug."""
+    from bnlab.distributed import record_failure
+
+    # In a worker of `--nproc`, the launcher reports the first failure; bad input is then
+    # printed once, by the launcher, instead of by every worker.
+    if record_failure(exc) and isinstance(exc, BnlabError):
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"bnlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    if isinstance(exc, BnlabError):
+        _say(prog, f"error: {exc}")
+        return exc.exit_code
+    if isinstance(exc, BrokenPipeError):
+        # stdout's reader went away (`bnlab experiment list | head -1`): stop quietly, as a
+        # tool killed by SIGPIPE would, and keep the interpreter's final flush from failing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + int(signal.SIGPIPE)
+    if isinstance(exc, OSError) and (exc.filename is not None or exc.errno in DISK_FULL):
+        _say(prog, f"error: {describe_os_error(exc)}")
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        sigterm = isinstance(exc, _Terminated)
+        _say(prog, "interrupted (SIGTERM)" if sigterm else "interrupted")
+        return 128 + int(signal.SIGTERM if sigterm else signal.SIGINT)
+    raise exc  # a bug (or SystemExit): its traceback, exit 1
 
 
 if __name__ == "__main__":

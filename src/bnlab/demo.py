@@ -42,7 +42,7 @@ def _load(dataset: str, data_dir: str | os.PathLike[str] | None, download: bool)
     try:
         return load_dataset("mnist", data_dir, download=download), None
     except BnlabError as exc:
-        reason = str(exc).splitlines()[0].split("; looked in")[0]  # the first line says why
+        reason = str(exc).split(" (looked in")[0]  # what is missing, or what is broken
         note = (f"note: MNIST is not available ({reason}); using scikit-learn's bundled 8x8 "
                 "digits instead ('bnlab train --dataset mnist' says where bnlab looked and "
                 "how to supply the files)")

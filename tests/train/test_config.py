@@ -84,7 +84,7 @@ def test_json_round_trip() -> None:
     ({"norm_kwargs": {"device": "meta"}}, "norm_kwargs", "does not take device"),
     ({"norm_kwargs": {"x": {"y": 1}}}, "norm_kwargs", "option x must be a number"),
     ({"norm": "ghost", "norm_kwargs": {"virtual_batch_size": 0}}, "norm_kwargs",
-     "virtual_batch_size must be a positive whole number"),
+     "virtual_batch_size must be an int >= 1"),
     ({"batch_size": 1}, "batch_size", "batch_size 1 with norm 'bn': batch statistics need "
      "at least 2"),
     ({"norm": "renorm", "batch_size": 1}, "batch_size", "with norm 'renorm'"),

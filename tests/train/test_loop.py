@@ -183,3 +183,60 @@ def test_real_mnist_short_run(mnist_dir: Path, tmp_path: Path) -> None:
     assert result.summary["dataset_source"] == str(mnist_dir / "mnist")
     assert result.summary["test_n"] == 500
     assert result.summary["test_acc"] > 0.8
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_overwrite_that_fails_keeps_the_previous_run_whole(tmp_path: Path, digits,
+                                                           monkeypatch) -> None:
+    out = tmp_path / "run"
+    train(DIGITS, out, progress=False, data=digits)
+    before = _files(out)
+    assert set(before) == {"metrics.jsonl", "model.safetensors", "summary.json"}
+    import bnlab.train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.evaluate
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the new run has appended its first metrics row
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(DIGITS, seed=1), out, progress=False, data=digits,
+              overwrite=True)
+    assert _files(out) == before  # the old run, byte for byte; no staging folder, no lock
+    assert [p.name for p in out.iterdir() if p.is_dir()] == []
+
+
+def test_overwrite_that_completes_replaces_the_previous_run(tmp_path: Path, digits) -> None:
+    out = tmp_path / "run"
+    train(DIGITS, out, progress=False, data=digits)
+    (out / "notes.txt").write_text("mine")
+    result = train(dataclasses.replace(DIGITS, seed=1), out, progress=False, data=digits,
+                   overwrite=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["seed"] == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == result.metrics  # only the new run's rows, not appended to the old ones
+    assert load_checkpoint(out / "model.safetensors")[1].seed == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.jsonl", "model.safetensors", "notes.txt", "summary.json"]
+
+
+def test_second_writer_on_a_locked_out_dir_is_refused_naming_the_holder(
+        tmp_path: Path, digits) -> None:
+    import os
+
+    from bnlab._lock import folder_lock
+
+    out = tmp_path / "run"
+    with folder_lock(out, "bnlab train"), \
+            pytest.raises(BnlabError, match=rf"PID {os.getpid()}\b"):
+        train(DIGITS, out, progress=False, data=digits)
+    assert not out.exists()  # the lock's folder was created by it and removed again

@@ -38,10 +38,17 @@ def test_writer_and_reader_agree(tmp_path: Path) -> None:
     assert files is not None and files.metrics == rows
     assert files.summary == {"test_acc": 0.75, "checkpoint": "model.safetensors"}
     assert files.checkpoint is not None and load_checkpoint(files.checkpoint)[1] == config
-    writer.start()  # a rerun (overwrite) removes the previous run's files, only ours
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    writer.start()
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
+    rerun = RunWriter(tmp_path / "run")  # an overwrite: staged until it finishes
+    rerun.start()
+    rerun.append({"step": 1, "test_acc": 0.25})
+    files = read_run(tmp_path / "run")
+    assert files is not None and files.metrics == rows  # the previous run, still whole
+    rerun.finish({"test_acc": 0.25})
+    files = read_run(tmp_path / "run")
+    assert files is not None and files.metrics == [{"step": 1, "test_acc": 0.25}]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "metrics.jsonl", "notes.txt", "summary.json"]  # the old checkpoint went with its run
 
 
 def test_write_run_puts_extra_in_the_summary(tmp_path: Path) -> None:

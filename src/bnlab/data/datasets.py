@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from bnlab.data.download import download, env_mirrors, sha256_file
+from bnlab._io import remove_stale_temps
+from bnlab.data.download import (
+    MIRRORS_ENV,
+    check_mirrors,
+    download,
+    env_mirrors,
+    sha256_file,
+)
 from bnlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 from bnlab.errors import BnlabError
 
@@ -61,6 +68,31 @@ SHA256: dict[str, dict[str, str]] = {
         "t10k-labels-idx1-ubyte.gz":
             "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
     },
+}
+
+# Sizes in bytes of the published files: a download may not send more.
+SIZES: dict[str, dict[str, int]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": 9912422,
+        "train-labels-idx1-ubyte.gz": 28881,
+        "t10k-images-idx3-ubyte.gz": 1648877,
+        "t10k-labels-idx1-ubyte.gz": 4542,
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": 26421880,
+        "train-labels-idx1-ubyte.gz": 29515,
+        "t10k-images-idx3-ubyte.gz": 4422102,
+        "t10k-labels-idx1-ubyte.gz": 5148,
+    },
+}
+
+# The payload (bytes after the header) of each file: 60,000 / 10,000 images of 28x28 and
+# their labels. A header may announce less (a subset), never more.
+PAYLOAD_BYTES: dict[str, int] = {
+    "train-images-idx3-ubyte.gz": 60000 * 28 * 28,
+    "train-labels-idx1-ubyte.gz": 60000,
+    "t10k-images-idx3-ubyte.gz": 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte.gz": 10000,
 }
 
 # The datasets' usual public mirrors, tried in order ($BNLAB_MIRRORS replaces them).
@@ -143,11 +175,29 @@ def _find_files(root: Path, name: str) -> list[Path] | None:
     return found
 
 
+def _is_gzip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False  # the IDX reader reports why it cannot be read
+
+
 def _verify(path: Path, name: str) -> None:
-    """A ``.gz`` file with an original name must have the published SHA-256."""
+    """A ``.gz`` file with an original name must have the published SHA-256; so must
+    gzip data under an uncompressed name (a renamed original; size checked first)."""
+    gz_name = path.name if path.suffix == ".gz" else path.name + ".gz"
     if path.suffix != ".gz":
-        return  # uncompressed copies: the IDX reader checks header and size
-    expected = SHA256[name][path.name]
+        if not _is_gzip(path):
+            return  # uncompressed copies: the IDX reader checks header and size
+        if path.stat().st_size != SIZES[name][gz_name]:
+            raise BnlabError(
+                f"{path}: gzip-compressed data under an uncompressed name, and not the "
+                f"published {gz_name} ({path.stat().st_size} bytes, expected "
+                f"{SIZES[name][gz_name]}); expected the uncompressed IDX file or the "
+                f"original {gz_name}"
+            )
+    expected = SHA256[name][gz_name]
     got = sha256_file(path)
     if got != expected:
         raise BnlabError(
@@ -175,10 +225,11 @@ def _normalise(x: np.ndarray, scale: float, n_train: int) -> tuple[torch.Tensor,
 def _load_idx_dataset(name: str, files: list[Path], source: str) -> DatasetSplits:
     for f in files:
         _verify(f, name)
-    tr_x = read_idx(files[0], expect_magic=IMAGES_MAGIC)
-    tr_y = read_idx(files[1], expect_magic=LABELS_MAGIC)
-    te_x = read_idx(files[2], expect_magic=IMAGES_MAGIC)
-    te_y = read_idx(files[3], expect_magic=LABELS_MAGIC)
+    tr_x, tr_y, te_x, te_y = (
+        read_idx(f, expect_magic=magic, max_bytes=PAYLOAD_BYTES[fname])
+        for f, fname, magic in zip(files, IDX_FILES, (IMAGES_MAGIC, LABELS_MAGIC) * 2,
+                                   strict=True)
+    )
     for xs, ys, fx, fy in ((tr_x, tr_y, files[0], files[1]), (te_x, te_y, files[2], files[3])):
         if xs.ndim != 3 or xs.dtype != np.uint8:
             raise BnlabError(f"{fx}: expected uint8 images (N, rows, cols), got {xs.shape}")
@@ -258,15 +309,23 @@ def load_dataset(
         files = _find_files(root, name)
         if files is not None:
             return _load_idx_dataset(name, files, str(root / name))
-    looked = "\n".join(f"  {d / name}/" for d in dirs)
+    looked = ", ".join(f"{d / name}/" for d in dirs)
     how = (
-        f"Put the four files ({', '.join(IDX_FILES)}) in DIR/{name}/ and pass "
+        f"put the four files ({', '.join(IDX_FILES)}) in DIR/{name}/ and pass "
         "--data-dir DIR or set BNLAB_DATA_DIR=DIR"
     )
     if not download:
-        raise BnlabError(f"{name} not found; looked in:\n{looked}\n{how}.")
+        raise BnlabError(f"{name} not found (looked in {looked}); {how}.")
+    env = env_mirrors()
+    urls = list(mirrors) if mirrors is not None else env if env is not None else list(
+        MIRRORS[name])
+    if not urls:
+        why = f"${MIRRORS_ENV} is set but empty" if mirrors is None else "mirrors=[] given"
+        raise BnlabError(f"{name} not found (looked in {looked}), and {why}: no mirrors, so "
+                         f"offline, nothing downloaded; {how}.")
+    check_mirrors(urls)
     target = (Path(data_dir).expanduser() if data_dir is not None else cache_dir()) / name
-    urls = list(mirrors) if mirrors is not None else env_mirrors() or list(MIRRORS[name])
+    remove_stale_temps(target)  # partial downloads of killed processes
     created = not target.exists()
     try:
         for fname in IDX_FILES:
@@ -276,7 +335,7 @@ def load_dataset(
         if created and target.is_dir() and not any(target.iterdir()):
             target.rmdir()  # leave no empty folder behind (files that did arrive are kept)
         raise BnlabError(
-            f"{name} not found and the download failed; looked in:\n{looked}\n{exc}\n"
+            f"{name} not found (looked in {looked}) and the download failed: {exc}; "
             f"{how}, or let bnlab download them when online."
         ) from None
     files = _find_files(target.parent, name)
@@ -289,6 +348,7 @@ def _fetch_one(
     fname: str, target: Path, name: str, urls: list[str], progress: bool | None
 ) -> None:
     try:
-        download(fname, target / fname, SHA256[name][fname], urls, progress=progress)
+        download(fname, target / fname, SHA256[name][fname], urls, size=SIZES[name][fname],
+                 progress=progress)
     except OSError as exc:
         raise BnlabError(f"cannot write {target / fname}: {exc}") from None

@@ -38,6 +38,7 @@ from typing import Any
 from bnlab import __version__
 from bnlab._environ import environ
 from bnlab._io import atomic_write_json, atomic_write_text
+from bnlab._lock import LOCK_FILE, folder_lock
 from bnlab._progress import Progress
 from bnlab.errors import BnlabError
 from bnlab.experiments import experiment_names, get_experiment
@@ -196,7 +197,8 @@ def prepare_out(out: Path, planned: list[PlannedExperiment], profile: str, datas
     manifest = out / LAB_MANIFEST
     if out.exists() and not out.is_dir():
         raise BnlabError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not manifest.exists() and not force:
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) \
+            and not manifest.exists() and not force:
         raise BnlabError(
             f"--out {out} is not empty and holds no bnlab lab results ({LAB_MANIFEST} "
             f"missing); choose an empty or new folder, or --force to write there anyway"
@@ -325,7 +327,8 @@ def run_lab(
     out = Path(out)
     planned = plan(names, profile, dataset, out)
     # train() finds the data through the documented lookup order; the children inherit it
-    with environ(BNLAB_DATA_DIR=None if data_dir is None else str(Path(data_dir).resolve())):
+    with folder_lock(out, "bnlab experiment"), \
+            environ(BNLAB_DATA_DIR=None if data_dir is None else str(Path(data_dir).resolve())):
         prepare_out(out, planned, profile, dataset, force)
 
         status: dict[str, bool] = {}

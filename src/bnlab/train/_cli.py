@@ -165,7 +165,8 @@ def run_train(args: argparse.Namespace) -> int:
         if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
             from bnlab.distributed import launch
 
-            return int(launch(args.nproc, ["train"], job=job_of(args), job_flag=JOB_FLAG))
+            return int(launch(args.nproc, ["train"], job=job_of(args), job_flag=JOB_FLAG,
+                              timeout_s=config.dist_timeout_s))
         out = options.pop("out")
         result = train(config, out, **options)
     except ConfigError as exc:

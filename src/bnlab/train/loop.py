@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bnlab import __version__
+from bnlab._io import remove_stale_temps
+from bnlab._lock import LOCK_FILE
 from bnlab._progress import Progress
 from bnlab.distributed import record_failure
 from bnlab.errors import BnlabError
@@ -48,7 +50,8 @@ class TrainResult:
 def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     """Refuse an ``out_dir`` that is a file, not writable, or non-empty (unless overwrite).
 
-    Creates nothing.
+    Creates nothing; removes only the temporary files that dead bnlab processes left there.
+    A folder holding only a lock file counts as empty.
     """
     out = Path(out_dir)
     if out.exists():
@@ -56,7 +59,8 @@ def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
             raise ConfigError("out_dir", f"out_dir {out}: exists and is not a directory")
         if not os.access(out, os.W_OK | os.X_OK):
             raise ConfigError("out_dir", f"out_dir {out}: directory is not writable")
-        if any(out.iterdir()) and not overwrite:
+        remove_stale_temps(out)  # what killed runs left (ours by name, their PID gone)
+        if any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
             raise ConfigError(
                 "out_dir", f"out_dir {out}: directory is not empty; pass overwrite=True "
                 "(--overwrite) to replace a previous run, or choose another directory"
@@ -187,6 +191,18 @@ def train(
 def _run(config: TrainConfig, info: ddp.DistInfo, out_dir: Path | str | None, *,
          progress: bool | None, t_start: float, **load: Any) -> TrainResult:
     run = _prepare(config, info, out_dir, progress=progress, t_start=t_start, **load)
+    if run.writer is not None:
+        run.writer.start()
+    try:
+        return _loop(run, progress)
+    except BaseException as exc:
+        if run.writer is not None:
+            run.writer.abort(exc)
+        raise
+
+
+def _loop(run: _Run, progress: bool | None) -> TrainResult:
+    config, info = run.config, run.dist
     desc = f"train {config.model}/{config.norm} lr={config.lr:g}"
     with Progress(run.total_steps, desc, enabled=progress if info.is_main else False,
                   unit="step") as bar:
@@ -237,8 +253,6 @@ def _prepare(config: TrainConfig, info: ddp.DistInfo, out_dir: Path | str | None
     model, net = ddp.wrap(build(config, data.in_shape, data.num_classes, device=device),
                           config, info, device)
     writer = RunWriter(out) if out is not None and info.is_main else None
-    if writer is not None:
-        writer.start()
     return _Run(config=config, dist=info, data=data, x_train=x_train, y_train=y_train,
                 total_steps=total, device=device, model=model, net=net,
                 optimizer=_make_optimizer(config, net.parameters()), writer=writer,

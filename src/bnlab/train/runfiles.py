@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from bnlab._io import append_jsonl, atomic_write_json, atomic_write_text
+from bnlab._io import append_jsonl, atomic_write_json, atomic_write_text, replace_on_success
+from bnlab._lock import folder_lock
 from bnlab.errors import BnlabError
 from bnlab.train.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from bnlab.train.config import TrainConfig
@@ -59,29 +61,58 @@ class RunFiles:
 
 class RunWriter:
     """Writes one run's folder as the run goes: :meth:`start`, :meth:`append` per
-    evaluation, :meth:`save_model`, then :meth:`finish` (the summary, last)."""
+    evaluation, :meth:`save_model`, then :meth:`finish` (the summary, last); :meth:`abort`
+    when the run fails.
+
+    The folder is locked (:func:`bnlab._lock.folder_lock`: a second writer is refused,
+    naming the holder's PID) from :meth:`start` to :meth:`finish`/:meth:`abort`. When it
+    already holds a previous run's files, the new files are written into a staging folder
+    inside it and replace the old ones only when :meth:`finish` has written the summary
+    (:func:`bnlab._io.replace_on_success`): a failed or interrupted ``--overwrite`` keeps
+    the previous run whole. A run into an empty folder writes in place, so an interrupted
+    one leaves its ``metrics.jsonl`` so far (and no summary).
+    """
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.dir = Path(run_dir)
+        self._files = self.dir
+        self._open: ExitStack | None = None
 
     def start(self) -> None:
-        """Create the folder; remove a previous run's files (only ours, by name)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-            (self.dir / name).unlink(missing_ok=True)
+        """Create and lock the folder; stage the new files if a previous run is there."""
+        stack = ExitStack()
+        try:
+            stack.enter_context(folder_lock(self.dir, "bnlab train"))
+            if any((self.dir / name).exists() for name in RUN_FILES):
+                self._files = stack.enter_context(replace_on_success(self.dir, RUN_FILES))
+        except BaseException:
+            stack.close()
+            raise
+        self._open = stack
 
     def append(self, row: dict[str, Any]) -> None:
-        append_jsonl(self.dir / METRICS_FILE, row)
+        append_jsonl(self._files / METRICS_FILE, row)
 
     def save_model(self, model: nn.Module, config: TrainConfig, in_shape: tuple[int, ...],
                    num_classes: int) -> str:
         """Write the checkpoint; returns its file name (for the summary)."""
-        save_checkpoint(self.dir / CHECKPOINT_FILE, model, config, in_shape=in_shape,
+        save_checkpoint(self._files / CHECKPOINT_FILE, model, config, in_shape=in_shape,
                         num_classes=num_classes)
         return CHECKPOINT_FILE
 
     def finish(self, summary: dict[str, Any]) -> None:
-        atomic_write_json(self.dir / SUMMARY_FILE, summary)
+        """Write the summary (last), put the new files in place, release the folder."""
+        atomic_write_json(self._files / SUMMARY_FILE, summary)
+        if self._open is not None:
+            self._open.close()
+        self._open, self._files = None, self.dir
+
+    def abort(self, exc: BaseException) -> None:
+        """The run failed with ``exc``: drop the staged files (a previous run stays as it
+        was) and release the folder."""
+        if self._open is not None:
+            self._open.__exit__(type(exc), exc, exc.__traceback__)
+        self._open, self._files = None, self.dir
 
 
 def write_run(run_dir: str | os.PathLike[str], metrics: Sequence[dict[str, Any]],
