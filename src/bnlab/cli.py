@@ -257,6 +257,18 @@ def _run_fold(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- learn / inspect
 
 
+def _add_port(p: argparse.ArgumentParser) -> None:
+    from bnlab.port._cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_port(args: argparse.Namespace) -> int:
+    from bnlab.port._cli import run
+
+    return run(args)
+
+
 def _add_learn(p: argparse.ArgumentParser) -> None:
     from bnlab.learn._cli import add_arguments
 
@@ -382,8 +394,8 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
         "bnlab.port's conformance harness ('check': bnlab's conversion next to naive ones, "
         "eval and after training steps) and the framework behaviour table ('table'). Needs "
         "the port extra: pip install 'bnlab[port]'.",
-        lambda p: __import__("bnlab.port._cli", fromlist=["add_arguments"]).add_arguments(p),
-        lambda a: __import__("bnlab.port._cli", fromlist=["run"]).run(a),
+        _add_port,
+        _run_port,
     ),
     (
         "learn",
