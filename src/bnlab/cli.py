@@ -468,6 +468,18 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
         _add_fold,
         _run_fold,
     ),
+    (
+        "doctor",
+        "find batch-norm mistakes in a checkpoint or model, measure them, say the fix",
+        "Examine a 'bnlab train' checkpoint (safetensors, never unpickled) or a model given "
+        "as 'package.module:factory': static checks without data; with --data, the first "
+        "--num-batches training batches drive the dynamic checks and the loss/accuracy "
+        "before and after recalibration are measured on the test split. Prints a table "
+        "(or --json), writes --html. Exit 0 clean, 1 when a finding at or above --fail-on "
+        "exists, 2 for bad input.",
+        lambda p: __import__("bnlab.doctor._cli", fromlist=["add_arguments"]).add_arguments(p),
+        lambda args: __import__("bnlab.doctor._cli", fromlist=["run"]).run(args),
+    ),
 ]
 
 
