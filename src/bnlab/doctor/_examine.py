@@ -160,7 +160,7 @@ def _analyse_graph(model: nn.Module, names: dict[int, str]) -> _Graph:
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types for Python control flow it cannot trace
-        return _Graph(traced=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return _Graph(traced=False, error=_one_line(exc))
     modules = dict(model.named_modules(remove_duplicate=False))
     result = _Graph(traced=True)
     calls: dict[int, int] = {}
@@ -416,8 +416,8 @@ def _run_pass(model: nn.Module, xs: list[Tensor], layers: list[tuple[str, Any]],
               *, moments: bool = False, tolerate: bool = False) -> _Pass:
     """One forward per batch under no_grad, with counting hooks on every BN layer.
 
-    ``tolerate``: a forward that raises ends the pass, recorded in ``error``; what the hooks
-    saw until then is kept (a batch of one raises inside BN after its pre-hook ran).
+    ``tolerate``: a forward that raises ValueError ends the pass, recorded in ``error``; what
+    the hooks saw until then is kept (a batch of one raises inside BN after its pre-hook ran).
     """
     result = _Pass()
     calls: dict[int, int] = {}
@@ -443,10 +443,10 @@ def _run_pass(model: nn.Module, xs: list[Tensor], layers: list[tuple[str, Any]],
             for x in xs:
                 try:
                     out = model(x)
-                except Exception as exc:
+                except ValueError as exc:  # torch's "Expected more than 1 value per channel"
                     if not tolerate:
                         raise
-                    result.error = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+                    result.error = _one_line(exc)
                     break
                 result.outputs.append(_first_tensor_out(out).detach())
     finally:
@@ -645,7 +645,7 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
     except Exception as exc:
         raise BnlabError(
             f"the model cannot run on the data (batch 0 of shape {tuple(xs[0].shape)}, "
-            f"{xs[0].dtype}): {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            f"{xs[0].dtype}): {_one_line(exc)}"
         ) from None
     rest = _run_pass(model, (xs if eval_batches is None else probe)[1:], layers,
                      moments=bool(dropouts))
@@ -823,6 +823,11 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
     # Statistics gap and the measured effect of recalibration, on a deep copy.
     findings += _gap_findings(model, layers, reached, stats, report, xs, ys, eval_pass,
                               eval_batches, loss_fn, names, findings)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _replace(f: Finding, **changes: Any) -> Finding:

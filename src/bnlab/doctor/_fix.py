@@ -79,6 +79,7 @@ def fix(
     for f in report.findings:
         if f.remedy in layers_of:
             layers_of[f.remedy] += [n for n in f.layers if n not in layers_of[f.remedy]]
+    layers_of["groupnorm"] = layers_of["renorm"]  # the two remedies for tiny batches
     work = copy.deepcopy(model)
     changes: list[str] = []
     for remedy in REMEDIES:
