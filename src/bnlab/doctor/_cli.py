@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         data_name = (f"{args.data}: {len(batches)} training batch(es) of {args.batch_size}; "
                      f"loss/accuracy on {m} test images")
     report = examine(model, batches, eval_batches=eval_batches, half=args.half,
-                     seed=args.seed, name=name, data_name=data_name)
+                     seed=args.seed, name=name, data_name=data_name, progress=True)
     if args.json:
         print(report.to_json())
     else:

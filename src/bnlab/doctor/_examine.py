@@ -47,6 +47,8 @@ TINY_BATCH = 16
 """Values per channel per BN call below which batch statistics are too noisy."""
 DROPOUT_SHIFT = 1.05
 """BN input variance ratio (dropout on / off) above which dropout shifts the variance."""
+STAGES = ("eval pass", "dropout variance", "train pass", "batch composition",
+          "statistics gap and recalibration")
 LOSS_GAIN = 0.10
 ACCURACY_GAIN = 0.01
 """Recalibration gains (relative loss, absolute accuracy) that make stale statistics a
@@ -168,7 +170,8 @@ def _analyse_graph(model: nn.Module, names: dict[int, str]) -> _Graph:
         if node.op == "call_module":
             m = modules[str(node.target)]
             calls[id(m)] = calls.get(id(m), 0) + 1
-    result.bn_calls = {k: v for k, v in calls.items() if is_bn(_by_id(modules, k))}
+    bn_ids = {id(m) for m in modules.values() if is_bn(m)}
+    result.bn_calls = {k: v for k, v in calls.items() if k in bn_ids}
     for node in graph.nodes:
         if node.op != "call_module" or not is_bn(modules[str(node.target)]):
             continue
@@ -196,13 +199,6 @@ def _analyse_graph(model: nn.Module, names: dict[int, str]) -> _Graph:
                 result.dropout_feeds.setdefault(bn_name, []).append(str(label))
             stack.extend(n.all_input_nodes)
     return result
-
-
-def _by_id(modules: dict[str, nn.Module], key: int) -> nn.Module:
-    for m in modules.values():
-        if id(m) == key:
-            return m
-    raise KeyError(key)
 
 
 def _out_features(layer: Any) -> int:
@@ -555,15 +551,14 @@ def examine(
     Nothing of ``model`` changes: every parameter, buffer, requires_grad flag and module
     mode is put back bit for bit in ``finally`` (also when the model or a hook raises), and
     torch's global RNG state is restored too. ``half=True`` says the model will be run in
-    float16 (float16 overflow becomes an error). Unusable batches raise BnlabError.
+    float16 (float16 overflow becomes an error). ``progress=True`` shows the checks' progress
+    on stderr. Unusable batches raise BnlabError.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     start = time.perf_counter()
     layers = bn_layers(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    for n, m in model.named_modules():
-        names[id(m)] = names.get(id(m)) or n or type(m).__name__
+    names = {id(m): n or type(m).__name__ for n, m in model.named_modules()}
     graph = _analyse_graph(model, names)
     if not graph.traced:
         fallback = _sequential_fallback(model, names)
@@ -594,8 +589,12 @@ def examine(
         if batches is not None and layers:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                _dynamic(model, layers, snapshot, stats, report, batches, eval_batches,
-                         num_batches, loss_fn, seed, graph, stubborn, findings)
+                from bnlab._progress import Progress
+
+                with Progress(len(STAGES), "bnlab doctor", unit="check",
+                              enabled=None if progress else False) as bar:
+                    _dynamic(model, layers, snapshot, stats, report, batches, eval_batches,
+                             num_batches, loss_fn, seed, graph, stubborn, findings, bar)
         report.findings = findings
         report.layers = list(stats.values())
     finally:
@@ -624,8 +623,13 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
              stats: dict[int, LayerStats], report: Report, batches: Iterable[Any],
              eval_batches: Iterable[Any] | None, num_batches: int | None,
              loss_fn: Any, seed: int, graph: _Graph, stubborn: list[str],
-             findings: list[Finding]) -> None:
+             findings: list[Finding], bar: Any) -> None:
     """The dynamic checks; appends to (and adds measurements to) ``findings``."""
+
+    def done(stage: str) -> None:
+        bar.set_postfix(done=stage)
+        bar.update()
+
     if num_batches is not None and (isinstance(num_batches, bool) or num_batches <= 0):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     xs, ys = _collect(batches, num_batches, "batches")
@@ -633,7 +637,6 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
     xs = [x.to(device) for x in xs]
     ys = [y.to(device) if y is not None else None for y in ys]
     report.data = report.data or f"{len(xs)} batch(es) of {tuple(xs[0].shape)}"
-    names = {id(m): n for n, m in layers}
     dropouts = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES) and m.p > 0]
 
     # Eval pass. The per-sample checks use the first PROBE_BATCHES batches; the eval outputs
@@ -699,6 +702,7 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
             f"calls' inputs and it gets {calls} updates per step",
             "give each call its own BN layer (copy.deepcopy(layer))", None, float(calls)))
     snapshot.restore()
+    done(STAGES[0])
 
     # Dropout on, everything else in eval: the variance shift of each BN input.
     if dropouts:
@@ -739,6 +743,8 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
                     findings[i] = _replace(f, evidence=f.evidence + "; BN input variance "
                                            "ratio dropout on/off " + ", ".join(shown),
                                            value=worst)
+
+    done(STAGES[1])
 
     # Train mode (dropout off): values per channel, train-vs-eval divergence.
     model.train()
@@ -781,6 +787,8 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
             f"relative output change median {med:.3g}, max {worst:.3g}{agree}",
             "evaluate with model.eval()", None, med))
 
+    done(STAGES[2])
+
     # Batch composition: the same samples, other batch-mates.
     composition = probe
     if sum(len(x) for x in composition) > 1:
@@ -820,9 +828,12 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
                 "bnlab.doctor.fix(model, report, which=['track', 'freeze'], "
                 "batches=batches)", "track" if not stubborn else "freeze", worst))
 
+    done(STAGES[3])
+
     # Statistics gap and the measured effect of recalibration, on a deep copy.
-    findings += _gap_findings(model, layers, reached, stats, report, xs, ys, eval_pass,
-                              eval_batches, loss_fn, names, findings)
+    findings += _gap_findings(model, reached, stats, report, xs, ys, eval_pass,
+                              eval_batches, loss_fn, findings)
+    done(STAGES[4])
 
 
 def _one_line(exc: BaseException) -> str:
@@ -836,11 +847,11 @@ def _replace(f: Finding, **changes: Any) -> Finding:
     return dataclasses.replace(f, **changes)
 
 
-def _gap_findings(model: nn.Module, layers: list[tuple[str, Any]],
-                  reached: list[tuple[str, Any]], stats: dict[int, LayerStats],
-                  report: Report, xs: list[Tensor], ys: list[Tensor | None],
-                  eval_pass: _Pass, eval_batches: Iterable[Any] | None, loss_fn: Any,
-                  names: dict[int, str], findings: list[Finding]) -> list[Finding]:
+def _gap_findings(model: nn.Module, reached: list[tuple[str, Any]],
+                  stats: dict[int, LayerStats], report: Report, xs: list[Tensor],
+                  ys: list[Tensor | None], eval_pass: _Pass,
+                  eval_batches: Iterable[Any] | None, loss_fn: Any,
+                  findings: list[Finding]) -> list[Finding]:
     out: list[Finding] = []
     checkable = [(n, m) for n, m in reached if _tracks(m) and not isinstance(m, FROZEN_TYPES)]
     if not checkable:
