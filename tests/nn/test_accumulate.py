@@ -154,6 +154,10 @@ def test_refuses_what_it_cannot_do():
         accumulate_bn(_net(), "three-pass")
     with pytest.raises(ValueError, match="track_running_stats=False"):
         accumulate_bn(nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False)))
+    from bnlab.nn import GhostBatchNorm1d
+
+    with pytest.raises(ValueError, match="not ghost"):
+        accumulate_bn(nn.Sequential(GhostBatchNorm1d(3, 4)))
     shared = nn.BatchNorm1d(3)
     twice = nn.Sequential(shared, shared).train()
     with pytest.raises(ValueError, match="more than once"), accumulate_bn(twice):

@@ -146,7 +146,19 @@ class BNAccumulator:
         self.mode = mode
         self.stats_grad = stats_grad
         self.layers: list[tuple[str, nn.modules.batchnorm._BatchNorm]] = []
+        from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+        from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+        from bnlab.nn.sync import SyncBatchNorm
+
+        unsupported = (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, BatchRenorm1d,
+                       BatchRenorm2d, BatchRenorm3d, SyncBatchNorm, nn.SyncBatchNorm)
         for name, m in model.named_modules():
+            if isinstance(m, unsupported):
+                raise ValueError(
+                    f"layer {name or type(m).__name__} ({type(m).__name__}): accumulate_bn "
+                    "supports torch.nn.BatchNorm1d/2d/3d and their subclasses (not ghost, "
+                    "renorm or synchronised BN, whose statistics work differently)"
+                )
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if m.running_mean is None or m.running_var is None:
                     raise ValueError(
@@ -154,12 +166,6 @@ class BNAccumulator:
                         "(track_running_stats=False): accumulate_bn has nothing to update"
                     )
                 self.layers.append((name or type(m).__name__, m))
-            elif type(m).__name__.endswith(("BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-                                            "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d")):
-                raise ValueError(
-                    f"layer {name} ({type(m).__name__}) is not a torch BatchNorm; "
-                    "accumulate_bn supports torch.nn.BatchNorm1d/2d/3d and their subclasses"
-                )
         if not self.layers:
             raise ValueError("model has no torch BatchNorm layer")
         self._names = {id(m): name for name, m in self.layers}
