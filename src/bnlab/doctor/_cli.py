@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                            torch.split(y[:n], args.batch_size), strict=True))
         tx, ty = data.test.tensors
         m = len(tx) if args.eval_subset is None else min(args.eval_subset, len(tx))
-        eval_batches = list(zip(torch.split(tx[:m], 1000), torch.split(ty[:m], 1000),
+        eval_batches = list(zip(torch.split(tx[:m], 250), torch.split(ty[:m], 250),
                                 strict=True))
         data_name = (f"{args.data}: {len(batches)} training batch(es) of {args.batch_size}; "
                      f"loss/accuracy on {m} test images")
