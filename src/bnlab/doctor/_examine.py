@@ -666,8 +666,9 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
         for key in ("running_mean", "running_var"):
             t = getattr(m, key)
             before = saved[id(t)]
-            if not torch.equal(t, before) and not (torch.isnan(t) & torch.isnan(before)).all():
-                diff = (t.double() - before.double()).abs().nan_to_num(nan=math.inf)
+            same = (t == before) | (torch.isnan(t) & torch.isnan(before))
+            if not bool(same.all()):
+                diff = (t.double() - before.double()).abs()[~same].nan_to_num(nan=math.inf)
                 worst_change = max(worst_change, float(diff.max()))
                 if n not in changed:
                     changed.append(n)
@@ -781,11 +782,12 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
         if flips is not None:
             report.metrics["train_eval_prediction_disagreement"] = flips
         agree = f"; predictions differ for {flips:.1%} of samples" if flips is not None else ""
-        findings.append(Finding(
-            "train_eval_divergence", "info", (),
-            "train-mode vs eval-mode output (what evaluating in train mode would do)",
-            f"relative output change median {med:.3g}, max {worst:.3g}{agree}",
-            "evaluate with model.eval()", None, med))
+        if math.isfinite(med):  # not when the eval outputs are NaN (see nonfinite_stats)
+            findings.append(Finding(
+                "train_eval_divergence", "info", (),
+                "train-mode vs eval-mode output (what evaluating in train mode would do)",
+                f"relative output change median {med:.3g}, max {worst:.3g}{agree}",
+                "evaluate with model.eval()", None, med))
 
     done(STAGES[2])
 

@@ -164,7 +164,8 @@ class Report:
             f"<title>bnlab doctor: {e(self.model)}</title><style>",
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}",
             "table{border-collapse:collapse;width:100%;margin:1em 0}",
-            "td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top;font-size:14px}",
+            "td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top;font-size:13px}",
+            "td:first-child{white-space:nowrap}",
             "th{background:#f0f0f0;text-align:left}code{font-size:13px}",
             ".sev{color:#fff;border-radius:3px;padding:1px 6px;font-weight:bold}",
             ".small{color:#666;font-size:13px}img{max-width:100%}",
@@ -235,10 +236,18 @@ class Report:
         fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6), dpi=100)
         try:
             xs = list(range(len(rows)))
-            means = [_plottable(s.gap_mean) for s in rows]
-            maxes = [_plottable(s.gap_max) for s in rows]
+            finite = [v for s in rows for v in (s.gap_mean, s.gap_max)
+                      if v is not None and math.isfinite(v)]
+            top = max([GAP_WARN, *finite]) * 1.1
+            bad = [i for i, s in enumerate(rows) if not _is_finite(s.gap_mean)]
+            means = [_finite_or(s.gap_mean, 0.0) for s in rows]
+            maxes = [_finite_or(s.gap_max, top) for s in rows]
             ax.bar(xs, means, color="#4a7ab0", label="mean over channels")
             ax.plot(xs, maxes, "o", color="#c0392b", label="max over channels")
+            if bad:
+                ax.bar(bad, [top] * len(bad), color="none", edgecolor="#c0392b", hatch="//",
+                       label="NaN/Inf statistics")
+            ax.set_ylim(0, top * 1.05)
             ax.axhline(GAP_WARN, color="#c77c02", ls="--", lw=1,
                        label=f"warning threshold ({GAP_WARN})")
             ax.set_xticks(xs)
@@ -258,10 +267,12 @@ GAP_WARN = 0.2
 """Mean per-channel gap (in population standard deviations) above which statistics are stale."""
 
 
-def _plottable(v: float | None) -> float:
-    if v is None or not math.isfinite(v):
-        return 0.0
-    return v
+def _is_finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _finite_or(v: float | None, default: float) -> float:
+    return v if v is not None and math.isfinite(v) else default
 
 
 def _fmt(v: Any) -> str:
