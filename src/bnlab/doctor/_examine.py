@@ -410,7 +410,7 @@ class _Pass:
 
 def _run_pass(model: nn.Module, xs: list[Tensor], layers: list[tuple[str, Any]],
               *, moments: bool = False, tolerate: bool = False) -> _Pass:
-    """One forward per batch under no_grad, with counting hooks on every BN layer.
+    """One forward per batch in inference mode, with counting hooks on every BN layer.
 
     ``tolerate``: a forward that raises ValueError ends the pass, recorded in ``error``; what
     the hooks saw until then is kept (a batch of one raises inside BN after its pre-hook ran).
@@ -435,7 +435,7 @@ def _run_pass(model: nn.Module, xs: list[Tensor], layers: list[tuple[str, Any]],
     handles = [model.register_forward_pre_hook(lambda mod, args: calls.clear())]
     try:
         handles += [m.register_forward_pre_hook(pre) for _, m in layers]
-        with torch.no_grad():
+        with torch.inference_mode():
             for x in xs:
                 try:
                     out = model(x)
@@ -533,7 +533,7 @@ def examine(
     too); a model fx cannot trace falls back to ``nn.Sequential`` adjacency and hooks.
 
     Dynamic checks (``batches``: input tensors or (input, target) tuples, e.g. the first
-    batches of a DataLoader; ``num_batches`` caps them), all with ``torch.no_grad()``:
+    batches of a DataLoader; ``num_batches`` caps them), all without gradients:
 
     - eval pass: BN calls per forward, running statistics that change in eval;
     - dropout on, everything else eval: the variance-shift ratio Var_train/Var_eval of every
