@@ -91,3 +91,28 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert expect in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_doctor_on_mnist_matches_bnlab_recalibrate(mnist_dir, tmp_path, capsys,
+                                                   single_threaded):
+    """Acceptance on real data: seed_cnn trained briefly on MNIST, weights perturbed."""
+    data = ["--data-dir", str(mnist_dir), "--no-download"]
+    assert main(["train", "--model", "seed_cnn", "--steps", "30", "--train-subset", "2000",
+                 "--eval-every", "30", "--eval-subset", "200", "--threads", "1", *data,
+                 "--out", str(tmp_path / "run")]) == 0
+    stale = tmp_path / "stale.safetensors"
+    _perturb(tmp_path / "run" / "model.safetensors", stale)
+    capsys.readouterr()
+    args = ["--num-batches", "4", "--batch-size", "128"]
+    assert main(["doctor", str(stale), "--data", "mnist", *data, *args, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    found = [f for f in report["findings"] if f["code"] == "stale_stats"]
+    assert found and found[0]["severity"] == "warning"
+    before, after = found[0]["effect"]["accuracy"]
+    assert after > before
+    assert main(["recalibrate", str(stale), "--dataset", "mnist", *data, *args,
+                 "--out", str(tmp_path / "r.safetensors")]) == 0
+    by_hand = [float(v) for v in re.findall(r"([\d.]+) %", capsys.readouterr().out)]
+    assert by_hand == [round(100 * before, 2), round(100 * after, 2)]
