@@ -269,6 +269,18 @@ def _run_port(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_doctor(p: argparse.ArgumentParser) -> None:
+    from bnlab.doctor._cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from bnlab.doctor._cli import run
+
+    return run(args)
+
+
 def _add_learn(p: argparse.ArgumentParser) -> None:
     from bnlab.learn._cli import add_arguments
 
@@ -415,6 +427,18 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
         "PNGs and a self-contained HTML page. Hooks only: the model is restored afterwards.",
         _add_inspect,
         _run_inspect,
+    ),
+    (
+        "doctor",
+        "find batch-norm mistakes in a checkpoint or model, measure them, say the fix",
+        "Examine a 'bnlab train' checkpoint (safetensors, never unpickled) or a model given "
+        "as 'package.module:factory': static checks without data; with --data, the first "
+        "--num-batches training batches drive the dynamic checks and the loss/accuracy "
+        "before and after recalibration are measured on the test split. Prints a table "
+        "(or --json), writes --html. Exit 0 clean, 1 when a finding at or above --fail-on "
+        "exists, 2 for bad input.",
+        _add_doctor,
+        _run_doctor,
     ),
 ]
 

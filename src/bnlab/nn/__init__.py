@@ -13,6 +13,7 @@ Guards on bnlab's BN modules (``BatchRenorm*``, ``GhostBatchNorm*``):
   normalises it with the running statistics and does not update them.
 """
 
+from bnlab.nn.accumulate import BNAccumulator, accumulate_bn
 from bnlab.nn.fold import fold_bn
 from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -22,6 +23,7 @@ from bnlab.nn.replace import freeze_bn, name_bn_layers, replace_norm, unfreeze_b
 from bnlab.nn.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+__all__ += ["BNAccumulator", "accumulate_bn"]
 __all__ += [
     "BatchRenorm1d",
     "BatchRenorm2d",
