@@ -283,35 +283,52 @@ def batch_norm_backward(
     weight = cache.weight
     gain = cache.invstd if weight is None else cache.invstd * weight.astype(cdt)
 
+    sums: tuple[FloatArray, FloatArray] | None
     if cache.training:
-        d = cache.centred
-        if d is None or cache.residual is None:
-            raise RuntimeError(
-                "backward() was already called for this forward (its buffer now holds dx): "
-                "run forward again"
-            )
-        n, r, invstd = cache.count, cache.residual, cache.invstd
-        sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
-        sum_dy_xhat = invstd * (sum_dy_d - r * sum_dy)  # Σ dy·(d − r)·invstd
-        # dx = gain·(dy − Σdy/n − xhat·Σdy·xhat/n) with xhat = (d − r)·invstd, computed in
-        # d's own memory (so the cache is spent: one backward per forward, as in torch).
-        k = -invstd * sum_dy_xhat / n
-        cache.centred = None
-        dx = _kernels.batch_norm_dx(dy3, d, gain, k, -k * r - sum_dy / n)
+        dx, sums = _backward_through_batch_stats(dy3, cache, gain)
     else:
-        if cache.x is None:
-            raise RuntimeError("internal error: an eval cache without x")
-        dx = _kernels.affine(dy3, gain, np.zeros_like(gain))
-        if weight is not None:
-            # The weight's gradient needs xhat, which eval does not keep: recompute it.
-            d, _, _ = _kernels.centre_and_moments(cache.x, cache.mean)
-            sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
-            sum_dy_xhat = sum_dy_d * cache.invstd
-
+        dx, sums = _backward_through_constants(dy3, cache, gain, need_sums=weight is not None)
     dx = _from_ncm(dx, cache.shape, cache.channels_last).astype(cache.dtype, copy=False)
-    if weight is None:
+    if weight is None or sums is None:
         return dx, None, None
+    sum_dy, sum_dy_xhat = sums
     return dx, sum_dy_xhat.astype(weight.dtype), sum_dy.astype(weight.dtype)
+
+
+def _backward_through_batch_stats(
+    dy3: FloatArray, cache: BatchNormCache, gain: FloatArray
+) -> tuple[FloatArray, tuple[FloatArray, FloatArray]]:
+    """Training: dx (the statistics depend on x), written into the cache's buffer, which
+    is then spent; and (Σdy, Σdy·xhat)."""
+    d = cache.centred
+    if d is None or cache.residual is None:
+        raise RuntimeError(
+            "backward() was already called for this forward (its buffer now holds dx): "
+            "run forward again"
+        )
+    n, r, invstd = cache.count, cache.residual, cache.invstd
+    sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
+    sum_dy_xhat = invstd * (sum_dy_d - r * sum_dy)  # Σ dy·(d − r)·invstd
+    # dx = gain·(dy − Σdy/n − xhat·Σdy·xhat/n) with xhat = (d − r)·invstd, computed in
+    # d's own memory (so the cache is spent: one backward per forward, as in torch).
+    k = -invstd * sum_dy_xhat / n
+    cache.centred = None
+    return _kernels.batch_norm_dx(dy3, d, gain, k, -k * r - sum_dy / n), (sum_dy, sum_dy_xhat)
+
+
+def _backward_through_constants(
+    dy3: FloatArray, cache: BatchNormCache, gain: FloatArray, *, need_sums: bool
+) -> tuple[FloatArray, tuple[FloatArray, FloatArray] | None]:
+    """Eval: dx = gain·dy (the statistics are constants); (Σdy, Σdy·xhat) if ``need_sums``."""
+    if cache.x is None:
+        raise RuntimeError("internal error: an eval cache without x")
+    dx = _kernels.affine(dy3, gain, np.zeros_like(gain))
+    if not need_sums:
+        return dx, None
+    # The weight's gradient needs xhat, which eval does not keep: recompute it.
+    d, _, _ = _kernels.centre_and_moments(cache.x, cache.mean)
+    sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
+    return dx, (sum_dy, sum_dy_d * cache.invstd)
 
 
 def update_running_stats(

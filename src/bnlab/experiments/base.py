@@ -80,7 +80,7 @@ class RunContext:
     runs share it copy-on-write), the threads the run may use, whether it shows progress."""
 
     data: DatasetSplits
-    threads: int | None = None
+    threads: int = 1
     progress: bool | None = False
 
 

@@ -94,7 +94,7 @@ def run_lab(
     planned = plan(names, profile, dataset, out)
     store.prepare_out(out, planned, profile, dataset, force, known=experiment_names())
     done = {run.run_id: _is_done(run) for p in planned for run in p.runs}
-    total, pending = len(done), sum(not d for d in done.values())
+    pending = [r for p in planned for r in p.runs if not done[r.run_id]]
     threads = scheduler.threads_per_run(jobs)
     ctx = None
     if pending:
@@ -105,29 +105,14 @@ def run_lab(
                            if not done[r.run_id] and p.experiment.warm_up), data)
         ctx = RunContext(data=data, threads=threads, progress=progress if jobs == 1 else False)
 
-    outcomes = []
     start = time.monotonic()
-    with Progress(total, "lab", enabled=progress, unit="run", position=0) as bar:
-        bar.update(total - pending)
-        for p in planned:
-            t0 = time.monotonic()
-            todo = [r for r in p.runs if not done[r.run_id]]
-            bar.set_postfix(experiment=p.experiment.name)
-            failed: list[PlannedRun] = []
-            if todo and ctx is not None:
-                failed = scheduler.run_forked(
-                    todo, functools.partial(_perform, p, ctx=ctx), jobs=jobs,
-                    threads=threads, bar=bar, title=p.experiment.name,
-                    describe=lambda r: f"{r.spec.label()}, seed={r.spec.seed}",
-                )
-            verdict = None
-            if not failed:
-                verdict = write_results(p, profile, dataset, time.monotonic() - t0,
-                                        ran=len(todo))
-            outcomes.append(ExperimentOutcome(
-                p.experiment.name, verdict, time.monotonic() - t0,
-                len(p.runs) - len(failed), len(p.runs), [str(r.run_dir) for r in failed],
-            ))
+    with Progress(len(done), "lab", enabled=progress, unit="run", position=0) as bar:
+        bar.update(len(done) - len(pending))
+        outcomes = [
+            _run_experiment(p, [r for r in p.runs if not done[r.run_id]], ctx, jobs=jobs,
+                            bar=bar, profile=profile, dataset=dataset)
+            for p in planned
+        ]
     print_summary(outcomes, time.monotonic() - start, jobs, threads)
     failed_runs = [f for o in outcomes for f in o.failed]
     if failed_runs:
@@ -135,6 +120,26 @@ def run_lab(
             f"{len(failed_runs)} run(s) failed; see error.txt in: " + ", ".join(failed_runs[:5])
         )
     return outcomes
+
+
+def _run_experiment(p: PlannedExperiment, todo: list[PlannedRun], ctx: RunContext | None, *,
+                    jobs: int, bar: Progress, profile: str, dataset: str) -> ExperimentOutcome:
+    """The runs ``todo`` of ``p`` (forked), then its results if none failed."""
+    t0 = time.monotonic()
+    bar.set_postfix(experiment=p.experiment.name)
+    failed: list[PlannedRun] = []
+    if todo and ctx is not None:
+        failed = scheduler.run_forked(
+            todo, functools.partial(_perform, p, ctx=ctx), jobs=jobs,
+            threads=ctx.threads, bar=bar, title=p.experiment.name,
+            describe=lambda r: f"{r.spec.label()}, seed={r.spec.seed}",
+        )
+    verdict = None
+    if not failed:
+        verdict = write_results(p, profile, dataset, time.monotonic() - t0, ran=len(todo))
+    return ExperimentOutcome(p.experiment.name, verdict, time.monotonic() - t0,
+                             len(p.runs) - len(failed), len(p.runs),
+                             [str(r.run_dir) for r in failed])
 
 
 def _is_done(run: PlannedRun) -> bool:
