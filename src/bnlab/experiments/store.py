@@ -250,3 +250,34 @@ def _csv_value(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
     return v
+
+
+def read_results(folder: str | Path, names: Iterable[str]) -> list[dict[str, Any]]:
+    """Every ``NAME/result.json`` under ``folder`` for ``names``, in that order."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise BnlabError(f"{root} is not a folder; expected the --out folder of "
+                         f"'bnlab experiment'")
+    results = []
+    order = list(names)
+    for name in order:
+        path = root / name / RESULT
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BnlabError(
+                f"corrupted result file {path} ({exc}); rerun 'bnlab experiment run {name} "
+                f"--out {root}' to recompute it"
+            ) from None
+        if not isinstance(data, dict) or not {"verdict", "claim", "table"} <= set(data):
+            raise BnlabError(f"corrupted result file {path}: not an experiment result; rerun "
+                             f"'bnlab experiment run {name} --out {root}'")
+        results.append(data)
+    if not results:
+        raise BnlabError(
+            f"no experiment results in {root} (no NAME/result.json for any of: "
+            f"{', '.join(order)}); run 'bnlab experiment all --out {root}' first"
+        )
+    return results
