@@ -83,10 +83,10 @@ class CovariateShift(Experiment):
     }
 
     def protocol(self, cfg: Config) -> str:
+        momentum = "(no momentum)" if cfg.momentum == 0 else f"momentum {cfg.momentum}"
         return (
             f"{cfg.model} (784-100-100-100-10, sigmoid) with norm=bn vs none, batch "
-            f"{cfg.batch_size}, SGD lr {cfg.lr} momentum {cfg.momentum}, {cfg.steps} steps, "
-            f"recorded "
+            f"{cfg.batch_size}, SGD lr {cfg.lr} {momentum}, {cfg.steps} steps, recorded "
             f"every {cfg.record_every} steps: test accuracy (10k images) and the "
             f"{'/'.join(map(str, PERCENTILES))}th percentiles of the input to sigmoid unit "
             f"{UNIT} of the last hidden layer over the first {PROBE_IMAGES} test images "
