@@ -114,24 +114,43 @@ def test_divergence_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["diverged"] is True
 
 
-def test_worker_argv_round_trips() -> None:
-    from bnlab.cli import _train_worker_argv, build_parser
+def test_nproc_workers_get_the_config_as_json(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nproc hands the workers a JSON job file (config and run options) in the launcher's
+    temporary folder; a worker's `train --job FILE` runs exactly the launcher's config."""
+    from bnlab.cli import build_parser
+    from bnlab.train._cli import config_from_args, read_job
 
     argv = ["train", "--model", "deep_mlp", "--model-arg", "depth=3", "--norm-arg",
             "momentum=0.01", "--sync-bn", "--nproc", "2", "--lr", "0.1", "--epochs", "1.5",
-            "--dist-timeout", "7"]
-    args = build_parser().parse_args(argv)
-    again = build_parser().parse_args(_train_worker_argv(args))
-    assert "--nproc" not in _train_worker_argv(args)
-    for key, value in vars(args).items():
-        if key not in ("nproc", "_handler"):
-            assert getattr(again, key) == value, key
+            "--dist-timeout", "7", "--seed", "5", "--out", str(tmp_path / "o"),
+            "--no-download", "--eval-train"]
+    seen: dict = {}
+
+    def fake_run(args) -> None:  # torchrun's entry point: record what the workers get
+        worker_argv = args.training_script_args
+        seen["argv"] = worker_argv
+        seen["job"] = read_job(worker_argv[worker_argv.index("--job") + 1])
+        seen["worker"] = build_parser().parse_args(worker_argv)
+
+    monkeypatch.setattr("torch.distributed.run.run", fake_run)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(argv) == 0
+    expected = config_from_args(build_parser().parse_args(argv))
+    config, options = seen["job"]
+    assert config == expected and config.epochs == 1.5 and config.steps is None
+    assert config.model_kwargs == {"depth": 3} and config.norm_kwargs == {"momentum": 0.01}
+    assert options == {"out": str(tmp_path / "o"), "overwrite": False, "data_dir": None,
+                       "download": False}
+    assert seen["argv"][0] == "train" and "--nproc" not in seen["argv"]
+    assert seen["worker"].job is not None
+    assert not Path(seen["argv"][-1]).exists()  # the launcher's folder is gone afterwards
 
 
 @pytest.mark.parametrize("norm_args,expect", [
-    (["--norm-arg", "momentum=abc"], "must be float"),
-    (["--norm-arg", "eps=-1"], "eps must be positive"),
-    (["--norm", "gn", "--norm-arg", "groups=0"], "groups must be a whole number >= 1"),
+    (["--norm-arg", "momentum=abc"], "momentum must be a number in [0, 1] or None"),
+    (["--norm-arg", "eps=-1"], "eps must be a positive finite number"),
+    (["--norm", "gn", "--norm-arg", "groups=0"], "groups must be a positive whole number"),
 ])
 def test_bad_norm_option_value_was_a_traceback_mid_run(
     tmp_path: Path, norm_args: list[str], expect: str, capsys: pytest.CaptureFixture[str]

@@ -16,38 +16,9 @@ from collections.abc import Callable, Sequence
 
 from bnlab import __version__
 from bnlab.errors import BnlabError
+from bnlab.train._cli import positive_int as _positive_int
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
 
 
 # --------------------------------------------------------------------------- verify
@@ -84,169 +55,49 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train / eval /
-# models / demo (training issue)
-
-
-def _key_value(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (numbers, null, true)."""
-    import json
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
+# models / demo
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding mnist/ and fashion-mnist/ (looked in first; then "
-                   "$BNLAB_DATA_DIR, then ~/.cache/bnlab)")
-    p.add_argument("--no-download", action="store_true",
-                   help="never download; fail if the files are not found locally")
+    from bnlab.train._cli import add_data_arguments
 
-
-# (flag, dest) of every `bnlab train` option that a torchrun worker must receive again.
-_TRAIN_FORWARD = (
-    ("--model", "model"), ("--norm", "norm"), ("--placement", "placement"),
-    ("--dataset", "dataset"), ("--data-dir", "data_dir"), ("--steps", "steps"),
-    ("--epochs", "epochs"), ("--batch-size", "batch_size"),
-    ("--eval-batch-size", "eval_batch_size"), ("--optimizer", "optimizer"), ("--lr", "lr"),
-    ("--momentum", "momentum"), ("--weight-decay", "weight_decay"),
-    ("--eval-every", "eval_every"), ("--eval-subset", "eval_subset"), ("--seed", "seed"),
-    ("--threads", "threads"), ("--init-scale", "init_scale"),
-    ("--train-subset", "train_subset"), ("--device", "device"), ("--out", "out"),
-    ("--dist-timeout", "dist_timeout"),
-)
+    add_data_arguments(p)
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="seed_cnn", help="see 'bnlab models'")
-    p.add_argument("--norm", default="bn", help="none, bn, gn, ln, … (see 'bnlab models')")
-    p.add_argument("--placement", default="before", help="norm 'before' or 'after' the "
-                   "activation")
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or digits")
-    _add_data_args(p)
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, default=None,
-                        help="optimizer steps (default 500 unless --epochs)")
-    length.add_argument("--epochs", type=_positive_float, default=None,
-                        help="passes over the training set (an epoch drops the last "
-                        "incomplete batch)")
-    p.add_argument("--batch-size", type=_positive_int, default=64,
-                   help="global batch size (split over --nproc workers)")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=1000,
-                   help="batch size for evaluation (no effect on results)")
-    p.add_argument("--optimizer", default="sgd", help="sgd or adam")
-    p.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate")
-    p.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
-                   help="L2 weight decay added to the gradient (torch.optim convention)")
-    p.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every K steps")
-    p.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
-                   help="evaluate on the first N test images only")
-    p.add_argument("--eval-train", action="store_true",
-                   help="also report accuracy on the training split at each evaluation")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed for init, batch order and dropout (same seed + threads: same run)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--init-scale", type=_positive_float, default=1.0,
-                   help="multiply every conv/linear weight after the default init")
-    p.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
-                   help="train on the first N training images")
-    p.add_argument("--model-arg", type=_key_value, action="append", default=[],
-                   metavar="KEY=VALUE", help="model option, e.g. depth=16 width=64 dropout=0.5")
-    p.add_argument("--norm-arg", type=_key_value, action="append", default=[],
-                   metavar="KEY=VALUE", help="norm option, e.g. momentum=0.01")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="write metrics.jsonl, model.safetensors and summary.json here "
-                   "(default: write nothing)")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
-    p.add_argument("--nproc", type=_positive_int, default=1,
-                   help="local worker processes (torch.distributed.run, gloo on CPU)")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="with --nproc > 1: synchronise BN statistics across workers")
-    p.add_argument("--dist-timeout", type=_positive_float, default=120.0, metavar="S",
-                   help="process-group timeout: a failed worker ends the job within this")
+    from bnlab.train._cli import add_train_arguments
 
-
-def _train_worker_argv(args: argparse.Namespace) -> list[str]:
-    """The `bnlab train` arguments a torchrun worker gets: these ones, minus --nproc."""
-    argv = ["train"]
-    for flag, dest in _TRAIN_FORWARD:
-        value = getattr(args, dest)
-        if value is not None:
-            argv += [flag, str(value)]
-    for flag, pairs in (("--model-arg", args.model_arg), ("--norm-arg", args.norm_arg)):
-        import json
-
-        for key, value in pairs:
-            argv += [flag, f"{key}={json.dumps(value)}"]
-    for flag, on in (("--sync-bn", args.sync_bn), ("--overwrite", args.overwrite),
-                     ("--no-download", args.no_download), ("--eval-train", args.eval_train)):
-        if on:
-            argv.append(flag)
-    return argv
+    add_train_arguments(p)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import os
+    from bnlab.train._cli import run_train
 
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from bnlab.distributed import launch  # type: ignore[import-not-found,unused-ignore]
-
-        return int(launch(args.nproc, _train_worker_argv(args), timeout_s=args.dist_timeout))
-
-    from bnlab.train import TrainConfig, format_summary, train
-
-    config = TrainConfig(
-        model=args.model, norm=args.norm, placement=args.placement, dataset=args.dataset,
-        steps=args.steps if args.steps is not None or args.epochs is not None else 500,
-        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, eval_every=args.eval_every, seed=args.seed,
-        threads=args.threads, model_kwargs=dict(args.model_arg),
-        norm_kwargs=dict(args.norm_arg), init_scale=args.init_scale,
-        train_subset=args.train_subset, eval_train=args.eval_train, sync_bn=args.sync_bn,
-        eval_subset=args.eval_subset, dist_timeout_s=args.dist_timeout, device=args.device,
-    )
-    result = train(config, args.out, overwrite=args.overwrite, data_dir=args.data_dir,
-                   download=not args.no_download)
-    if result.summary.get("rank", 0) == 0 and "test_acc" in result.summary:
-        print(format_summary(result.summary, args.out))
-    return 0
+    return run_train(args)
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a model.safetensors written by 'bnlab train'")
-    p.add_argument("--dataset", default=None, help="default: the dataset it was trained on")
-    _add_data_args(p)
-    p.add_argument("--batch-size", type=_positive_int, default=1000,
-                   help="evaluation batch size (no effect on the result)")
+    from bnlab.train._cli import add_eval_arguments
+
+    add_eval_arguments(p)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from bnlab.train import evaluate_checkpoint
+    from bnlab.train._cli import run_eval
 
-    line = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
-                               download=not args.no_download, batch_size=args.batch_size)
-    print(line)
-    return 0
+    return run_eval(args)
 
 
 def _add_models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="mnist", help="input shape to count parameters for")
+    from bnlab.train._cli import add_models_arguments
+
+    add_models_arguments(p)
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from bnlab.models import format_model_table
+    from bnlab.train._cli import run_models
 
-    print(format_model_table(args.dataset))
-    return 0
+    return run_models(args)
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
@@ -333,7 +184,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- recalibrate /
-# fold (toolkit issue)
+# fold
 
 
 def _add_recalibrate(p: argparse.ArgumentParser) -> None:
@@ -375,8 +226,8 @@ def _run_fold(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- commands
 
-# (name, one-line help, description, add_arguments, handler). Each later issue adds its
-# command here; the order is the order `bnlab --help` lists them in.
+# (name, one-line help, description, add_arguments, handler); the order is the order
+# `bnlab --help` lists them in.
 COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Handler]] = [
     (
         "verify",
@@ -391,8 +242,8 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
         "bench",
         "time the NumPy core against torch's CPU batch norm",
         "Forward+backward (training) and forward (eval) of the NumPy core and of torch at "
-        "the same thread count, median of --reps timings after warm-up, for the shapes of "
-        "the speed issue; prints ms, the ratio, effective GB/s, % of a copy's bandwidth "
+        "the same thread count, median of --reps timings after warm-up, for the benchmark "
+        "shapes; prints ms, the ratio, effective GB/s, % of a copy's bandwidth "
         "measured in the same run, and tracemalloc's peak extra memory.",
         _add_bench,
         _run_bench,

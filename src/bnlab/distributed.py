@@ -20,8 +20,8 @@ Failure behaviour (what bounds the time to a non-zero exit):
   worker's exit code (1 if it was killed by a signal) after printing
   ``bnlab: rank R failed …``;
 * a worker hangs without dying: the others block in their next collective until the
-  process-group timeout (``timeout_s``, default :data:`DEFAULT_TIMEOUT_S` = 120 s, set by
-  ``--dist-timeout``), then raise, which is the case above.
+  process-group timeout (``TrainConfig.dist_timeout_s``, ``--dist-timeout``, default
+  120 s), then raise, which is the case above.
 
 Which rank failed *first*: torchrun stamps each failure with whole seconds when its agent
 notices the exit, so a rank that raised and a peer whose collective broke because of it
@@ -44,19 +44,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from bnlab._environ import environ
 from bnlab._io import atomic_write_json
 from bnlab.errors import BnlabError
-
-DEFAULT_TIMEOUT_S = 120.0
-"""Default process-group timeout in seconds: how long a collective waits for a peer."""
-
-TIMEOUT_ENV = "BNLAB_DIST_TIMEOUT_S"
-"""Environment variable through which :func:`launch` passes ``timeout_s`` to the workers."""
 
 FAILURE_DIR_ENV = "BNLAB_FAILURE_DIR"
 """Environment variable naming the folder where workers record their failures."""
@@ -97,50 +90,6 @@ def read_failure_records(folder: str | os.PathLike[str]) -> dict[int, FailureRec
     return records
 
 
-def default_backend() -> str:
-    """``nccl`` when CUDA is available, else ``gloo`` (torch.distributed's CPU backend)."""
-    import torch
-
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def is_worker() -> bool:
-    """True inside a process started by torchrun (or any launcher that sets its env)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def env_timeout_s(default: float = DEFAULT_TIMEOUT_S) -> float:
-    """The process-group timeout :func:`launch` handed to this worker, else ``default``."""
-    text = os.environ.get(TIMEOUT_ENV)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise ValueError(f"${TIMEOUT_ENV} must be positive and finite, got {text!r}")
-    return value
-
-
-def init_process_group(timeout_s: float | None = None, backend: str | None = None) -> bool:
-    """Join the group described by torchrun's env vars; False when not a worker (W ≤ 1).
-
-    ``timeout_s`` bounds every collective (``None``: :func:`env_timeout_s`), so a rank
-    whose peer died or hangs raises instead of waiting forever. Already initialised:
-    nothing to do, returns True.
-    """
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if dist.is_initialized():
-        return True
-    timeout = timedelta(seconds=env_timeout_s() if timeout_s is None else timeout_s)
-    dist.init_process_group(backend or default_backend(), timeout=timeout)
-    return True
-
-
 def torchrun_args(nproc: int, argv: Sequence[str], *, run_id: str | None = None) -> list[str]:
     """torchrun's command line (without the ``torchrun`` itself) for N local workers."""
     return [
@@ -156,18 +105,17 @@ def torchrun_args(nproc: int, argv: Sequence[str], *, run_id: str | None = None)
     ]
 
 
-def launch(nproc: int, argv: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+def launch(nproc: int, argv: Sequence[str], *, job: dict[str, Any] | None = None,
+           job_flag: str = "--job") -> int:
     """Run ``python -m bnlab <argv>`` in ``nproc`` local workers under torchrun; exit code.
 
-    ``timeout_s`` is the process-group timeout the workers use (exported to them as
-    ``$BNLAB_DIST_TIMEOUT_S``; a ``--dist-timeout`` in ``argv`` says the same to
-    ``bnlab train``). Returns 0 when every worker succeeded; otherwise prints which rank
+    ``job`` (a JSON object) is written to ``job.json`` in the launcher's temporary folder
+    (which also holds the failure records), and the workers get ``<argv> job_flag <that
+    file>``. Returns 0 when every worker succeeded; otherwise prints which rank
     failed first and how, and returns that worker's exit code (1 for a signal).
     """
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise BnlabError(f"--nproc must be a positive whole number of processes, got {nproc!r}")
-    if not 0 < timeout_s < float("inf"):
-        raise BnlabError(f"--dist-timeout must be positive and finite seconds, got {timeout_s}")
     if isinstance(argv, str) or not all(isinstance(a, str) for a in argv):
         raise TypeError(f"argv must be a list of strings, got {argv!r}")
 
@@ -175,11 +123,14 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOU
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    args = parse_args(torchrun_args(nproc, argv))
-    with tempfile.TemporaryDirectory(prefix="bnlab-failures-") as folder, \
-            environ(**{TIMEOUT_ENV: repr(float(timeout_s)), FAILURE_DIR_ENV: folder}):
+    with tempfile.TemporaryDirectory(prefix="bnlab-launch-") as folder, \
+            environ(**{FAILURE_DIR_ENV: folder}):
+        worker_argv = list(argv)
+        if job is not None:
+            atomic_write_json(Path(folder) / "job.json", job)
+            worker_argv += [job_flag, str(Path(folder) / "job.json")]
         try:
-            run(args)
+            run(parse_args(torchrun_args(nproc, worker_argv)))
         except ChildFailedError as exc:
             records = read_failure_records(folder)
             print(failure_message(exc.failures, nproc=nproc, records=records),

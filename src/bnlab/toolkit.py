@@ -1,43 +1,30 @@
 """The toolkit's checkpoint commands: ``bnlab recalibrate`` and ``bnlab fold``.
 
 These sit above :mod:`bnlab.train` (they load and save its checkpoints), so they live here
-and not in :mod:`bnlab.nn`, which must not import the training code.
-
-A folded checkpoint is a safetensors file of the folded model's state dict with metadata
-``format="bnlab-folded"`` plus the original ``config``, ``in_shape`` and ``num_classes``.
-The folded structure is a pure function of the architecture, so :func:`load_folded` rebuilds
-it as ``fold_bn(build_model(config))`` and loads the tensors (strictly, no unpickling).
-``bnlab eval`` reads ``bnlab train`` checkpoints only; use :func:`load_folded` for these.
+and not in :mod:`bnlab.nn`, which must not import the training code. The checkpoint format,
+plain and folded, is :mod:`bnlab.train.checkpoint`'s: a folded file is written with
+``format="bnlab-folded"`` and read back by :func:`load_folded`. ``bnlab eval`` reads
+``bnlab train`` checkpoints only; use :func:`load_folded` for folded ones.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
-from bnlab._io import atomic_path
 from bnlab.errors import BnlabError
-from bnlab.train import TrainConfig, config_from_metadata
+from bnlab.train.checkpoint import (
+    FOLDED,
+    load_checkpoint,
+    load_folded,
+    read_checkpoint_info,
+    save_checkpoint,
+)
+from bnlab.train.runfiles import checkpoint_path
 
-
-def _metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
-
-
-def _shape_of(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], int]:
-    meta = _metadata(path)
-    try:
-        return tuple(json.loads(meta["in_shape"])), int(meta["num_classes"])
-    except (KeyError, ValueError) as exc:
-        raise BnlabError(f"checkpoint {path}: broken bnlab metadata ({exc})") from None
+__all__ = ["fold_checkpoint", "load_folded", "recalibrate_checkpoint"]
 
 
 def recalibrate_checkpoint(
@@ -60,28 +47,30 @@ def recalibrate_checkpoint(
     """
     from bnlab.data import load_dataset
     from bnlab.nn import recalibrate_bn
-    from bnlab.train import evaluate, load_checkpoint, save_checkpoint
+    from bnlab.train import evaluate
 
+    path = checkpoint_path(path)
+    info = read_checkpoint_info(path)
     model, config = load_checkpoint(path)
-    in_shape, num_classes = _shape_of(path)
     name = dataset or config.dataset
     data = load_dataset(name, data_dir, download=download)
-    if tuple(data.in_shape) != tuple(in_shape):
+    if tuple(data.in_shape) != tuple(info.in_shape):
         raise BnlabError(
-            f"checkpoint {path} expects {tuple(in_shape)} images, {name} has {data.in_shape}"
+            f"checkpoint {path} expects {tuple(info.in_shape)} images, {name} has "
+            f"{data.in_shape}"
         )
     x_train = data.train.tensors[0]
     batches = torch.split(x_train, batch_size)
+    _, acc_before = evaluate(model, data.test)
     try:
         recalibrate_bn(model, batches, num_batches=num_batches, progress=progress)
     except ValueError as exc:
         raise BnlabError(f"cannot recalibrate {path}: {exc}") from None
     used = min(len(x_train), batch_size * (num_batches or len(batches)))
-    target = Path(out) if out is not None else Path(path).with_suffix(".recalibrated.safetensors")
-    before_model, _ = load_checkpoint(path)
-    _, acc_before = evaluate(before_model, data.test)
+    target = Path(out) if out is not None else path.with_suffix(".recalibrated.safetensors")
     _, acc_after = evaluate(model, data.test)
-    save_checkpoint(target, model, config, in_shape=in_shape, num_classes=num_classes)
+    save_checkpoint(target, model, config, in_shape=info.in_shape,
+                    num_classes=info.num_classes)
     return (
         f"recalibrated BN statistics of {path} on {used} {name} training images; test "
         f"accuracy {100 * acc_before:.2f} % -> {100 * acc_after:.2f} %; wrote {target}"
@@ -90,64 +79,20 @@ def recalibrate_checkpoint(
 
 def fold_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> str:
     """Fold a checkpoint's BN layers (:func:`bnlab.nn.fold_bn`), save it, return a line."""
-    from safetensors.torch import save_file
-
     from bnlab.nn import fold_bn
-    from bnlab.train import load_checkpoint
 
+    path = checkpoint_path(path)
+    info = read_checkpoint_info(path)
     model, config = load_checkpoint(path)
-    in_shape, num_classes = _shape_of(path)
     folded = fold_bn(model)
-    x = torch.randn(8, *in_shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, *info.in_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = float((folded(x) - model(x)).abs().max())
-    state = {k: v.detach().cpu().contiguous() for k, v in folded.state_dict().items()}
-    metadata = {
-        "format": "bnlab-folded",
-        "folded_from": str(path),
-        "config": json.dumps(_config_dict(config)),
-        "in_shape": json.dumps(list(in_shape)),
-        "num_classes": str(num_classes),
-    }
-    with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    save_checkpoint(out, folded, config, in_shape=info.in_shape, num_classes=info.num_classes,
+                    format=FOLDED, folded_from=path)
     pairs = getattr(folded, "folded_pairs", 0)
     return (
         f"folded {pairs} Conv/Linear+BN pair(s) of {path} ({config.model}, norm={config.norm}); "
         f"max |folded - original| on a random batch {diff:.2e}; wrote {out}"
     )
 
-
-def _config_dict(config: TrainConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(config)
-
-
-def load_folded(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig]:
-    """Rebuild a model written by :func:`fold_checkpoint` (eval mode) and its config."""
-    from safetensors.torch import load_file
-
-    from bnlab.models import build_model
-    from bnlab.nn import fold_bn
-
-    try:
-        meta = _metadata(path)
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for a broken file
-        raise BnlabError(f"{path}: not a safetensors file ({type(exc).__name__})") from None
-    if meta.get("format") != "bnlab-folded":
-        raise BnlabError(f"{path}: not a folded checkpoint (write one with 'bnlab fold')")
-    config, in_shape, num_classes = config_from_metadata(Path(path), meta)
-    model = build_model(
-        config.model, norm=config.norm, placement=config.placement,
-        in_shape=in_shape,  # type: ignore[arg-type]
-        num_classes=num_classes, norm_kwargs=dict(config.norm_kwargs),
-        **dict(config.model_kwargs),
-    )
-    folded = fold_bn(model)
-    try:
-        folded.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BnlabError(f"{path}: tensors do not match the folded model ({exc})") from None
-    return folded.eval(), config

@@ -221,10 +221,8 @@ def train_with_percentiles(config: TrainConfig, backend: str,
     batch indices (``numpy.random.default_rng(config.seed)``, with replacement across
     batches, without within one).
     """
-    import torch
-
     from bnlab import __version__
-    from bnlab.models import build_model
+    from bnlab.train import build
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -233,9 +231,7 @@ def train_with_percentiles(config: TrainConfig, backend: str,
     ytr = data.train.tensors[1].numpy()
     xte = data.test.tensors[0].reshape(len(data.test), -1).numpy()
     yte = data.test.tensors[1].numpy()
-    torch.manual_seed(config.seed)
-    model = build_model("paper_mlp", norm=config.norm, in_shape=data.in_shape,
-                        num_classes=data.num_classes)
+    model = build(config, data.in_shape, data.num_classes)
     net: _TorchNet | _NumpyNet = (
         _TorchNet(model, config.lr) if backend == "torch" else _NumpyNet(model, config.lr)
     )

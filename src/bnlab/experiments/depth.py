@@ -137,19 +137,16 @@ def train_with_init_grad(spec: RunSpec, ctx: RunContext) -> RunOutput:
 def first_layer_grad_norm(config: TrainConfig, data: DatasetSplits) -> float:
     """‖∂loss/∂W‖ of the first Linear/Conv layer at init, on the first training images.
 
-    The model is built as :func:`bnlab.train.train` builds it (same seed), put in train mode
-    and used once; it is thrown away afterwards.
+    The model is the one a training run of ``config`` starts from
+    (:func:`bnlab.train.build`), put in train mode and used once; it is thrown away
+    afterwards.
     """
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
-    from bnlab.models import build_model
+    from bnlab.train import build
 
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, norm=config.norm, placement=config.placement,
-                        in_shape=data.in_shape, num_classes=data.num_classes,
-                        **config.model_kwargs)
+    model = build(config, data.in_shape, data.num_classes)
     x, y = data.train.tensors[0][:GRAD_BATCH], data.train.tensors[1][:GRAD_BATCH]
     model.train()
     F.cross_entropy(model(x), y).backward()

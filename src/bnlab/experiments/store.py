@@ -150,38 +150,27 @@ def prepare_out(out: Path, planned: list[PlannedExperiment], profile: str, datas
 # --------------------------------------------------------------------------- runs
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptRun(path, f"not valid JSON ({exc})") from None
-
-
 def load_run(run: PlannedRun) -> RunResult | None:
-    """The completed run, ``None`` if it is not complete; :class:`CorruptRun` if broken."""
-    summary_path = run.run_dir / "summary.json"
-    if not summary_path.is_file():
-        return None
-    config = _read_json(run.run_dir / "config.json") if (run.run_dir / "config.json").is_file() \
-        else None
-    if not isinstance(config, dict) or config.get("run_id") != run.run_id:
-        raise CorruptRun(run.run_dir / "config.json", "missing or for another run")
-    summary = _read_json(summary_path)
-    if not isinstance(summary, dict) or "test_acc" not in summary:
-        raise CorruptRun(summary_path, "not a run summary (no test_acc)")
-    metrics_path = run.run_dir / "metrics.jsonl"
-    metrics = []
+    """The completed run, ``None`` if it is not complete; :class:`CorruptRun` if broken.
+
+    The run folder is read by :func:`bnlab.train.runfiles.read_run`; the lab's own
+    ``config.json`` must name this run."""
+    from bnlab.train.runfiles import RunFileError, read_run
+
+    config_path = run.run_dir / "config.json"
     try:
-        for i, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise CorruptRun(metrics_path, f"line {i + 1} is not valid JSON") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CorruptRun(metrics_path, f"cannot be read ({exc})") from None
-    return RunResult(run.spec, run.run_id, summary, metrics)
+        files = read_run(run.run_dir)
+        if files is None:
+            return None
+        config = json.loads(config_path.read_text(encoding="utf-8")) \
+            if config_path.is_file() else None
+    except RunFileError as exc:
+        raise CorruptRun(exc.path, exc.reason) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptRun(config_path, f"not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("run_id") != run.run_id:
+        raise CorruptRun(config_path, "missing or for another run")
+    return RunResult(run.spec, run.run_id, files.summary, files.metrics)
 
 
 def load_runs(p: PlannedExperiment) -> list[RunResult]:
@@ -205,10 +194,11 @@ def begin_run(run: PlannedRun, experiment: str) -> None:
 
 
 def write_run_files(run_dir: Path, output: RunOutput) -> None:
-    """Write ``metrics.jsonl`` then ``summary.json`` (last: its presence = run complete)."""
-    text = "".join(json.dumps(m, allow_nan=True) + "\n" for m in output.metrics)
-    atomic_write_text(run_dir / "metrics.jsonl", text)
-    atomic_write_json(run_dir / "summary.json", output.summary)
+    """The run's files, through :func:`bnlab.train.runfiles.write_run` (``summary.json``
+    last: its presence means the run is complete)."""
+    from bnlab.train.runfiles import write_run
+
+    write_run(run_dir, output.metrics, output.summary)
 
 
 def write_error(run: PlannedRun, text: str) -> None:

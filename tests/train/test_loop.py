@@ -14,10 +14,10 @@ from bnlab.data import load_dataset
 from bnlab.errors import BnlabError
 from bnlab.train import (
     TrainConfig,
-    _slice_bounds,
     evaluate,
     load_checkpoint,
     save_checkpoint,
+    slice_bounds,
     train,
 )
 
@@ -108,7 +108,7 @@ def test_slices_are_array_split() -> None:
     for n, w in [(64, 2), (7, 3), (5, 4), (2, 4)]:
         parts = np.array_split(np.arange(n), w)
         for r in range(w):
-            lo, hi = _slice_bounds(n, w, r)
+            lo, hi = slice_bounds(n, w, r)
             assert list(range(lo, hi)) == parts[r].tolist()
 
 

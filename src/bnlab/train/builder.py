@@ -1,0 +1,63 @@
+"""The one way to build a model from a :class:`~bnlab.train.config.TrainConfig`.
+
+:func:`build` seeds Python's, NumPy's and torch's global generators with ``config.seed``,
+builds ``config.model`` with its norm, placement, ``norm_kwargs`` and ``model_kwargs``, and
+multiplies every conv/linear weight by ``config.init_scale``: exactly the model a training
+run starts from. Training, checkpoint loading, the toolkit commands and every experiment
+build through it, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnlab.train.config import TrainConfig
+
+
+def seed_everything(seed: int) -> None:
+    """Seed ``random``, NumPy's global generator (for model or norm code that draws from
+    it; modulo 2**32, its range) and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def dataset_shape(config: TrainConfig) -> tuple[tuple[int, int, int], int]:
+    """(in_shape, num_classes) of ``config.dataset``."""
+    from bnlab.data import DATASET_INFO
+
+    return DATASET_INFO[config.dataset]
+
+
+def build(
+    config: TrainConfig,
+    in_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    *,
+    seeded: bool = True,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """The model a run of ``config`` starts from (train mode), on ``device`` (CPU default).
+
+    ``in_shape``/``num_classes`` default to the dataset's. ``seeded=False`` leaves the
+    global generators alone, for a model whose weights are loaded right after.
+    """
+    from bnlab.models import build_model, scale_init
+
+    if in_shape is None or num_classes is None:
+        in_shape, num_classes = dataset_shape(config)
+    if seeded:
+        seed_everything(config.seed)
+    model = build_model(config.model, norm=config.norm, placement=config.placement,
+                        in_shape=tuple(in_shape),  # type: ignore[arg-type]
+                        num_classes=num_classes, norm_kwargs=dict(config.norm_kwargs),
+                        **dict(config.model_kwargs))
+    scale_init(model, config.init_scale)
+    if device is not None:
+        model.to(device)
+    return model
+
