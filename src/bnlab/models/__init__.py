@@ -140,7 +140,6 @@ __all__ = [
     "SeedCNN",
     "build_model",
     "count_params",
-    "format_model_table",
     "make_norm",
     "model_kwargs_of",
     "model_table",
@@ -148,20 +147,3 @@ __all__ = [
     "scale_init",
 ]
 
-
-def format_model_table(dataset: str = "mnist") -> str:
-    """The table ``bnlab models`` prints, parameter counts for ``dataset``'s input shape."""
-    from bnlab.data import DATASET_INFO, check_dataset_name
-
-    check_dataset_name(dataset)
-    in_shape, num_classes = DATASET_INFO[dataset]
-    rows = model_table(in_shape, num_classes)
-    lines = [f"models (parameter counts for {dataset}, input {in_shape}):",
-             f"{'name':<10} {'params bn':>10} {'params none':>12}  options / description"]
-    for r in rows:
-        opts = ", ".join(f"{k}={v!r}" for k, v in r["options"].items()) or "-"
-        lines.append(f"{r['name']:<10} {r['params_bn']:>10,} {r['params_none']:>12,}  "
-                     f"{opts}")
-        lines.append(f"{'':<36}{r['description']}")
-    lines.append(f"norms: {', '.join(norm_names())} (placement: before | after)")
-    return "\n".join(lines)

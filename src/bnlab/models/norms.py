@@ -95,7 +95,7 @@ def _ln(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
     return nn.GroupNorm(1, num_features, **kwargs)
 
 
-# --------------------------------------------------------------- toolkit (bnlab.nn, issue 5)
+# --------------------------------------------------------------- the toolkit's (bnlab.nn)
 
 
 @register_norm("renorm", "Batch Renorm (Ioffe 2017): bnlab.nn.BatchRenorm1d/2d/3d")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bnlab.train._cli import evaluate_checkpoint, format_summary
     from bnlab.train.builder import build, seed_everything
     from bnlab.train.checkpoint import (
         CHECKPOINT_FILE,
@@ -58,16 +59,17 @@ _HOMES = {
     "TrainResult": "loop", "check_out_dir": "loop", "evaluate": "loop", "train": "loop",
     "METRICS_FILE": "runfiles", "SUMMARY_FILE": "runfiles", "RunFiles": "runfiles",
     "read_run": "runfiles", "write_run": "runfiles",
+    "evaluate_checkpoint": "_cli", "format_summary": "_cli",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module 'bnlab.train' has no attribute {name!r}")
-    from bnlab.train import builder, checkpoint, config, ddp, loop, runfiles
+    from bnlab.train import _cli, builder, checkpoint, config, ddp, loop, runfiles
 
     modules = {"builder": builder, "checkpoint": checkpoint, "config": config, "ddp": ddp,
-               "loop": loop, "runfiles": runfiles}
+               "loop": loop, "runfiles": runfiles, "_cli": _cli}
     return getattr(modules[_HOMES[name]], name)
 
 
@@ -85,6 +87,8 @@ __all__ = [
     "check_out_dir",
     "config_from_metadata",
     "evaluate",
+    "evaluate_checkpoint",
+    "format_summary",
     "load_checkpoint",
     "load_folded",
     "read_checkpoint_info",

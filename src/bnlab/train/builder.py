@@ -9,6 +9,7 @@ build through it, so they cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -44,20 +45,31 @@ def build(
     """The model a run of ``config`` starts from (train mode), on ``device`` (CPU default).
 
     ``in_shape``/``num_classes`` default to the dataset's. ``seeded=False`` leaves the
-    global generators alone, for a model whose weights are loaded right after.
+    global generators alone, for a model whose weights are loaded right after. On the
+    ``meta`` device nothing is allocated (and nothing seeded): shapes only.
     """
     from bnlab.models import build_model, scale_init
 
     if in_shape is None or num_classes is None:
         in_shape, num_classes = dataset_shape(config)
-    if seeded:
+    meta = device is not None and torch.device(device).type == "meta"
+    if seeded and not meta:
         seed_everything(config.seed)
-    model = build_model(config.model, norm=config.norm, placement=config.placement,
-                        in_shape=tuple(in_shape),  # type: ignore[arg-type]
-                        num_classes=num_classes, norm_kwargs=dict(config.norm_kwargs),
-                        **dict(config.model_kwargs))
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = build_model(config.model, norm=config.norm, placement=config.placement,
+                            in_shape=tuple(in_shape),  # type: ignore[arg-type]
+                            num_classes=num_classes, norm_kwargs=dict(config.norm_kwargs),
+                            **dict(config.model_kwargs))
     scale_init(model, config.init_scale)
-    if device is not None:
+    if device is not None and not meta:
         model.to(device)
     return model
+
+
+def state_shapes(config: TrainConfig, in_shape: tuple[int, ...], num_classes: int
+                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor in the state dict of the model ``config`` describes,
+    from a build on the ``meta`` device (no memory is allocated)."""
+    model = build(config, in_shape, num_classes, device="meta")
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 

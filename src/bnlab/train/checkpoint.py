@@ -32,8 +32,8 @@ from torch import nn
 from bnlab import __version__
 from bnlab._io import atomic_path
 from bnlab.errors import BnlabError
-from bnlab.train.builder import build, dataset_shape
-from bnlab.train.config import ConfigError, TrainConfig, state_shapes, validate_config
+from bnlab.train.builder import build, dataset_shape, state_shapes
+from bnlab.train.config import ConfigError, TrainConfig, validate_config
 
 PLAIN = "bnlab"
 FOLDED = "bnlab-folded"
@@ -85,14 +85,13 @@ def config_from_metadata(
         config = TrainConfig.from_json(metadata["config"])
         in_shape = json.loads(metadata["in_shape"])
         num_classes = json.loads(metadata["num_classes"])
+        validate_config(config, runnable=False)
+    except ConfigError as exc:
+        raise BnlabError(f"checkpoint {path}: its config is invalid: {exc}") from None
     except KeyError as exc:
         raise BnlabError(f"checkpoint {path}: broken bnlab metadata (no {exc})") from None
     except (ValueError, TypeError) as exc:
         raise BnlabError(f"checkpoint {path}: broken bnlab metadata ({exc})") from None
-    try:
-        validate_config(config, runnable=False)
-    except ConfigError as exc:
-        raise BnlabError(f"checkpoint {path}: its config is invalid: {exc}") from None
     shape, classes = dataset_shape(config)
     if not isinstance(in_shape, list) or tuple(in_shape) != shape:
         raise BnlabError(f"checkpoint {path}: in_shape {in_shape!r} is not {config.dataset}'s "
@@ -141,11 +140,8 @@ def load_folded(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig]:
     from bnlab.nn import fold_bn
 
     info = read_checkpoint_info(path, formats=(FOLDED,))
-    with torch.device("meta"):
-        shapes = {k: (tuple(v.shape), v.dtype) for k, v in
-                  fold_bn(build(info.config, info.in_shape, info.num_classes, seeded=False)
-                          ).state_dict().items()}
-    _check_tensors(info, shapes)
+    meta = fold_bn(build(info.config, info.in_shape, info.num_classes, device="meta"))
+    _check_tensors(info, {k: (tuple(v.shape), v.dtype) for k, v in meta.state_dict().items()})
     folded = fold_bn(build(info.config, info.in_shape, info.num_classes, seeded=False))
     _load_into(info, folded)
     return folded.eval(), info.config

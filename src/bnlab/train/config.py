@@ -171,8 +171,8 @@ class TrainConfig:
     Exactly one of ``steps`` / ``epochs`` is set (``steps`` wins if both are given by a
     caller that means it; the CLI refuses both). ``model_kwargs`` go to the model builder
     (``depth``, ``width``, ``dropout`` …), ``norm_kwargs`` to every norm layer
-    (``momentum``, ``virtual_batch_size`` …). Each field's help text is in its metadata
-    (``TrainConfig.help(name)``).
+    (``momentum``, ``virtual_batch_size`` …). Each field's help text and value rule are in
+    its metadata (``dataclasses.fields(TrainConfig)``).
     """
 
     model: str = _opt("seed_cnn", "see 'bnlab models'", choice(_model_name))
@@ -221,10 +221,6 @@ class TrainConfig:
                                  flag="--dist-timeout", metavar="S")
     device: str = _opt("cpu", "cpu or cuda", one_of(DEVICES, "device"))
 
-    @staticmethod
-    def help(name: str) -> str:
-        return str(_FIELDS[name].metadata["help"])
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -272,7 +268,7 @@ def validate_config(config: TrainConfig, *, runnable: bool = True) -> None:
     """Raise :class:`ConfigError` naming the first bad value and what was expected.
 
     Checks each field's rule, then the model's options, the norm's options (against the
-    option names the norm declares, and the values on one norm layer of 4 channels), the
+    option names the norm declares, and the values on one norm layer), the
     batch size a batch-statistics norm needs, and the memory of the model described (for
     the dataset's input). Builds no model. ``runnable=False`` (a checkpoint's config, to be
     evaluated here) skips the check that the config's device exists on this machine.
@@ -321,18 +317,19 @@ def check_model_options(model: str, options: dict[str, Any]) -> None:
             raise ConfigError("model_kwargs", f"model option {exc}", option=key) from None
 
 
+_PROBE_CHANNELS = 64  # one norm layer this wide stands for the model's (a few KB)
 _NOT_NORM_OPTIONS = {"self", "num_features", "num_channels", "num_groups", "dim", "device",
                      "dtype", "args", "kwargs"}
 
 
 def norm_options_of(norm: str) -> dict[str, Any]:
     """The options norm ``norm`` declares, with defaults: its factory's own keyword
-    arguments plus those of the module class it builds (one layer of 4 channels)."""
+    arguments plus those of the module class it builds."""
     from bnlab.models.norms import make_norm, norm_spec
 
     spec = norm_spec(norm)
     declared: dict[str, Any] = {}
-    for fn in (spec.factory, type(make_norm(norm, 4, 1)).__init__):
+    for fn in (spec.factory, type(make_norm(norm, _PROBE_CHANNELS, 1)).__init__):
         for k, p in inspect.signature(fn).parameters.items():
             if k not in _NOT_NORM_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD,
                                                           p.KEYWORD_ONLY):
@@ -368,16 +365,16 @@ def check_norm_options(norm: str, options: dict[str, Any]) -> bool:
         except ConfigError as exc:
             raise ConfigError("norm_kwargs", f"norm option {exc}", option=key) from None
     try:
-        layer = make_norm(norm, 4, 1, **options).train()
+        layer = make_norm(norm, _PROBE_CHANNELS, 1, **options).train()
         with torch.no_grad():
-            layer(torch.zeros(2, 4))
+            layer(torch.zeros(2, _PROBE_CHANNELS))
     except (RuntimeError, TypeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError("norm_kwargs", f"norm {norm!r} with options {options} cannot run: "
                           f"{first}") from None
     try:
         with torch.no_grad():
-            layer(torch.zeros(1, 4))
+            layer(torch.zeros(1, _PROBE_CHANNELS))
     except (RuntimeError, ValueError):
         return True
     return False
@@ -391,26 +388,12 @@ def memory_limit_bytes() -> int:
         return 16 * 2**30
 
 
-def state_shapes(config: TrainConfig, in_shape: tuple[int, ...], num_classes: int
-                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """(shape, dtype) of every tensor in the state dict of the model ``config`` describes,
-    from a build on the ``meta`` device (no memory is allocated)."""
-    import torch
-
-    from bnlab.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(config.model, norm=config.norm, placement=config.placement,
-                            in_shape=tuple(in_shape),  # type: ignore[arg-type]
-                            num_classes=num_classes, norm_kwargs=dict(config.norm_kwargs),
-                            **dict(config.model_kwargs))
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-
-
 def check_model_memory(config: TrainConfig, in_shape: tuple[int, ...], num_classes: int,
                        limit: int | None = None) -> int:
     """Refuse a model whose training state (weights, gradients, optimizer state) would not
     fit in ``limit`` bytes (default: :func:`memory_limit_bytes`); returns the state bytes."""
+    from bnlab.train.builder import state_shapes
+
     shapes = state_shapes(config, in_shape, num_classes)
     state = sum(math.prod(s) * dtype.itemsize for s, dtype in shapes.values())
     need = 4 * state  # weights, gradients, and two optimizer buffers (Adam) at most

@@ -14,6 +14,7 @@ down its connections while a peer still uses them.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,14 +58,21 @@ def setup(config: TrainConfig) -> DistInfo:
 
 
 def teardown(info: DistInfo, *, completed: bool) -> None:
-    """Close the group this process opened; after a completed run, first wait for every
-    rank (a barrier), so none closes its connections while a peer is still using them."""
+    """Close the group this process opened.
+
+    After a completed run every rank first waits for the others (a barrier), so that none
+    closes its gloo connections while a peer still uses them: rank 0 evaluates and writes
+    the files after the last step, and a rank that had closed its side meanwhile could
+    abort in gloo's teardown. Objects that still hold the group (the DDP wrapper, autograd
+    nodes of the last step) are collected before it is destroyed, not at interpreter exit.
+    """
     if not info.owns_group:
         return
     try:
         if completed:
             dist.barrier()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -30,7 +30,7 @@ from bnlab.distributed import record_failure
 from bnlab.errors import BnlabError
 from bnlab.train import ddp
 from bnlab.train.builder import build
-from bnlab.train.config import ConfigError, TrainConfig, validate_config
+from bnlab.train.config import ConfigError, TrainConfig, check_norm_options, validate_config
 from bnlab.train.runfiles import RunWriter
 
 
@@ -225,6 +225,12 @@ def _prepare(config: TrainConfig, info: ddp.DistInfo, out_dir: Path | str | None
     n_train, batch = len(x_train), config.batch_size
     if batch > n_train:
         raise BnlabError(f"batch_size {batch} is larger than the training set ({n_train})")
+    if info.world > 1 and not config.sync_bn and batch // info.world < 2 \
+            and check_norm_options(config.norm, config.norm_kwargs):
+        raise ConfigError("batch_size", f"batch_size {batch} over {info.world} processes "
+                          f"leaves a rank fewer than 2 samples, too few for norm "
+                          f"{config.norm!r}'s batch statistics; use a larger batch or "
+                          "sync_bn (--sync-bn)")
     total = (config.steps if config.steps is not None
              else max(1, math.ceil(float(config.epochs or 0) * (n_train // batch))))
     device = ddp.device_for(config, info)
