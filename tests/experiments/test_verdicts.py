@@ -187,6 +187,8 @@ def test_every_experiment_plans_distinct_runs_and_states_its_rule() -> None:
         exp = get_experiment(name)
         assert exp.rule and exp.claim and exp.seeds
         for profile in ("smoke", "quick", "full"):
+            # every config embeds the shared training settings
+            assert isinstance(exp.config(profile), base.TrainSettings), name
             runs = exp.runs(exp.config(profile), "mnist")
             assert len({r.run_id(name) for r in runs}) == len(runs)
             if profile == "full":
