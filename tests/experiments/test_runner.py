@@ -7,23 +7,25 @@ import itertools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
 from bnlab.errors import BnlabError
-from bnlab.experiments import runner
+from bnlab.experiments import runner, scheduler
 from bnlab.experiments.base import (
     Analysis,
     Experiment,
+    RunContext,
+    RunFunction,
+    RunOutput,
     RunResult,
     RunSpec,
-    compare,
-    write_run_files,
 )
 from bnlab.experiments.report import write_report
+from bnlab.experiments.verdict import compare
 from bnlab.train import TrainConfig
 
 
@@ -58,19 +60,22 @@ class Fake(Experiment):
                         kind="fake", params={"sleep_s": cfg.sleep_s})
                 for lr in cfg.lrs for s in cfg.seeds]
 
-    def execute(self, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
+    def runners(self) -> dict[str, RunFunction]:
+        return {"fake": self.fake_run}
+
+    def fake_run(self, spec: RunSpec, ctx: RunContext) -> RunOutput:
         t0 = time.time()
         time.sleep(spec.params["sleep_s"])
         if spec.config.lr == self.fail_lr:
             raise RuntimeError("boom")
         with open(self.log, "a") as fh:
-            fh.write(json.dumps({"dir": run_dir.name, "start": t0, "end": time.time(),
-                                 "threads": spec.config.threads,
-                                 "data_dir": os.environ.get("BNLAB_DATA_DIR")}) + "\n")
+            fh.write(json.dumps({"id": spec.run_id(self.name), "start": t0, "end": time.time(),
+                                 "threads": spec.config.threads, "ctx_threads": ctx.threads,
+                                 "data": ctx.data.source, "pid": os.getpid(),
+                                 "env_data_dir": os.environ.get("BNLAB_DATA_DIR")}) + "\n")
         acc = 0.9 + spec.config.lr / 10 + 0.001 * spec.seed
         metrics = [{"step": 1, "test_acc": acc / 2}, {"step": 2, "test_acc": acc}]
-        write_run_files(run_dir, metrics, {"test_acc": acc, "diverged": False,
-                                           "wall_time_s": 0.01})
+        return RunOutput(metrics, {"test_acc": acc, "diverged": False, "wall_time_s": 0.01})
 
     def analyse(self, cfg: FakeConfig, results: list[RunResult]) -> Analysis:
         lo = [r for r in results if r.spec.group["lr"] == min(cfg.lrs)]
@@ -133,12 +138,25 @@ def test_run_writes_results_and_rerun_skips_completed(fake: Fake, tmp_path: Path
     assert again["elapsed_s"] == result["elapsed_s"]  # the time of the invocation that ran
 
 
-def test_data_dir_reaches_the_runs_and_environment_is_restored(
+def test_runs_get_the_data_loaded_once_from_data_dir_in_their_context(
     fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The data reaches the forked runs in their RunContext, loaded once by the lab from
+    ``data_dir``; no environment variable carries it (the caller's stays as it was)."""
+    from bnlab.data import load_dataset
+
+    loads: list[tuple[str, object]] = []
+
+    def load(name: str, data_dir: object = None, **kw: Any) -> Any:
+        loads.append((name, data_dir))
+        return replace(load_dataset("digits"), source=f"loaded from {data_dir}")
+
+    monkeypatch.setattr("bnlab.data.load_dataset", load)
     monkeypatch.setenv("BNLAB_DATA_DIR", "/the/callers/own")
     lab(tmp_path / "lab", data_dir=tmp_path / "data")
-    assert {e["data_dir"] for e in executions(fake)} == {str((tmp_path / "data").resolve())}
+    assert loads == [("digits", tmp_path / "data")]
+    assert {e["data"] for e in executions(fake)} == {f"loaded from {tmp_path / 'data'}"}
+    assert {e["env_data_dir"] for e in executions(fake)} == {"/the/callers/own"}
     assert os.environ["BNLAB_DATA_DIR"] == "/the/callers/own"
 
 
@@ -150,7 +168,7 @@ def test_run_folder_without_summary_is_redone_from_scratch(fake: Fake, tmp_path:
     (victim / "leftover.tmp").write_text("half-written")
     lab(out)
     redone = executions(fake)[4:]
-    assert [e["dir"] for e in redone] == [victim.name]
+    assert [e["id"] for e in redone] == [victim.name]
     assert not (victim / "leftover.tmp").exists()
     assert (victim / "summary.json").is_file()
 
@@ -165,7 +183,7 @@ def test_corrupted_result_file_is_named_and_that_run_rerun(
     lab(out)
     err = capsys.readouterr().err
     assert f"corrupted result file {victim / 'summary.json'}" in err
-    assert [e["dir"] for e in executions(fake)[4:]] == [victim.name]
+    assert [e["id"] for e in executions(fake)[4:]] == [victim.name]
 
 
 def test_other_profile_in_out_is_refused_unless_force(fake: Fake, tmp_path: Path) -> None:
@@ -192,6 +210,22 @@ def test_changed_config_is_refused_unless_force(
     assert json.loads((out / "fake" / "result.json").read_text())["config"]["lrs"] == [0.1, 0.7]
 
 
+def test_same_runs_planned_by_a_config_of_another_form_are_reused(
+    fake: Fake, tmp_path: Path
+) -> None:
+    """The run ids cover every input of every run and the analysis is redone each time, so
+    a manifest whose config differs only in form (fields added or renamed) keeps its runs."""
+    out = tmp_path / "lab"
+    lab(out)
+    path = out / "fake" / "experiment.json"
+    manifest = json.loads(path.read_text())
+    old_form = {k: v for k, v in manifest["config"].items() if k != "sleep_s"}
+    path.write_text(json.dumps({**manifest, "config": {**old_form, "sleep_seconds": 0}}))
+    lab(out)
+    assert len(executions(fake)) == 4  # nothing redone
+    assert json.loads(path.read_text()) == manifest  # rewritten in the current form
+
+
 def test_other_bnlab_version_is_refused(fake: Fake, tmp_path: Path) -> None:
     out = tmp_path / "lab"
     lab(out)
@@ -214,29 +248,46 @@ def test_jobs_run_in_parallel_with_threads_split(fake: Fake, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(Fake.profiles, "smoke", FakeConfig(seeds=(0, 1), lrs=(0.1, 0.5),
                                                            sleep_s=0.4))
-    monkeypatch.setattr(runner, "available_cores", lambda: 4)
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 4)
     lab(tmp_path / "lab", jobs=2)
     ex = sorted(executions(fake), key=lambda e: e["start"])
     assert len(ex) == 4
-    assert all(e["threads"] == 2 for e in ex)  # 2 jobs × 2 threads <= 4 cores
+    # 2 jobs × 2 threads <= 4 cores, in the run's config and in its context
+    assert all(e["threads"] == e["ctx_threads"] == 2 for e in ex)
     overlaps = sum(a["end"] > b["start"] for a, b in itertools.pairwise(ex))
     assert overlaps >= 1
-    assert runner.threads_per_run(3) == 1
+    assert scheduler.threads_per_run(3) == 1
 
 
 def test_runs_execute_in_child_processes(fake: Fake, tmp_path: Path) -> None:
-    pids: list[int] = []
-    original = Fake.execute
-
-    def execute(self: Fake, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
-        with open(tmp_path / "pids", "a") as fh:
-            fh.write(f"{os.getpid()}\n")
-        original(self, spec, run_dir, progress)
-
-    fake.execute = execute.__get__(fake)  # type: ignore[method-assign]
     lab(tmp_path / "lab")
-    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    pids = [e["pid"] for e in executions(fake)]
     assert len(set(pids)) == 4 and os.getpid() not in pids
+
+
+def test_run_kind_dispatches_and_an_unknown_kind_is_refused_before_any_run(
+    fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def other(spec: RunSpec, ctx: RunContext) -> RunOutput:
+        return RunOutput([{"step": 1, "test_acc": 0.5}], {"test_acc": 0.5, "other": True})
+
+    runs = Fake.runs
+
+    def mixed(self: Fake, cfg: FakeConfig, dataset: str) -> list[RunSpec]:
+        specs = runs(self, cfg, dataset)
+        return [replace(s, kind="other") if s.seed == 1 else s for s in specs]
+
+    monkeypatch.setattr(Fake, "runs", mixed)
+    monkeypatch.setattr(Fake, "runners", lambda self: {"fake": self.fake_run, "other": other})
+    lab(tmp_path / "lab")
+    summaries = [json.loads(p.read_text()) for p in
+                 sorted((tmp_path / "lab").glob("fake/runs/*/summary.json"))]
+    assert sum(bool(s.get("other")) for s in summaries) == 2  # the two seed-1 runs
+    assert len(executions(fake)) == 2  # the seed-0 runs went to fake_run
+    monkeypatch.setattr(Fake, "runners", lambda self: {"fake": self.fake_run})
+    with pytest.raises(ValueError, match="a run of kind 'other', which it has no run function"):
+        lab(tmp_path / "lab2")
+    assert not (tmp_path / "lab2").exists()  # refused while planning
 
 
 def test_failed_run_is_reported_with_its_error_file(fake: Fake, tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from bnlab.experiments import base, get_experiment
-from bnlab.experiments.base import RunResult, RunSpec, compare, mean_std
+from bnlab.experiments import base, get_experiment, verdict
+from bnlab.experiments.analysis import acc_curve, final_acc
+from bnlab.experiments.base import RunResult, RunSpec
 from bnlab.experiments.covariate_shift import drift
+from bnlab.experiments.verdict import PairedClaim, compare, mean_std
 from bnlab.train import TrainConfig
 
 
@@ -90,8 +92,8 @@ def test_headline_shows_no_standard_error_for_one_seed() -> None:
     headline = exp.analyse(one, results).headline
     assert "(1 seed)" in headline and "±" not in headline.split("points")[0]
     assert " ± " in exp.analyse(full, results_for("convergence", outcome)).headline
-    assert base.pm(1.234, 0.5, 3, 1) == "+1.2 ± 0.5"
-    assert base.pm(-1.234, 0.0, 1, 2) == "-1.23 (1 seed)"
+    assert verdict.pm(1.234, 0.5, 3, 1) == "+1.2 ± 0.5"
+    assert verdict.pm(-1.234, 0.0, 1, 2) == "-1.23 (1 seed)"
 
 
 @pytest.mark.parametrize(
@@ -185,9 +187,63 @@ def test_every_experiment_plans_distinct_runs_and_states_its_rule() -> None:
         exp = get_experiment(name)
         assert exp.rule and exp.claim and exp.seeds
         for profile in ("smoke", "quick", "full"):
+            # every config embeds the shared training settings
+            assert isinstance(exp.config(profile), base.TrainSettings), name
             runs = exp.runs(exp.config(profile), "mnist")
             assert len({r.run_id(name) for r in runs}) == len(runs)
             if profile == "full":
                 assert len({r.seed for r in runs}) >= 3, name
         with pytest.raises(ValueError, match="unknown profile"):
             exp.config("huge")
+
+
+def test_paired_rule_text_follows_the_threshold_and_the_verdict_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rule text is generated from what compare() does: change the threshold (or the
+    standard-error factor) and both the text and the verdict move together."""
+    claim = PairedClaim("Per seed, A minus B", threshold=1.0)
+    assert claim.rule == (
+        "Per seed, A minus B. supported if the mean difference is at least 1 percentage point "
+        "and more than 2 standard errors above zero; not supported if mean + 2 SE is below 1 "
+        "percentage point; inconclusive otherwise."
+    )
+    three = replace(claim, threshold=3.0)
+    assert "at least 3 percentage points" in three.rule and "below 3 percentage points" in (
+        three.rule)
+    assert "1 percentage point" not in three.rule
+    diffs = [2.0, 2.2, 1.9]
+    assert claim.decide(diffs).verdict == "supported"
+    assert three.decide(diffs).verdict == "not supported"  # 2.03 + 2·0.09 < 3
+    monkeypatch.setattr(verdict, "SE_FACTOR", 40.0)
+    assert "more than 40 standard errors" in claim.rule and "mean + 40 SE" in claim.rule
+    assert claim.decide(diffs).verdict == "inconclusive"  # 2.03 − 40·0.09 < 0
+
+
+def test_every_paired_experiment_states_the_rule_of_its_declaration() -> None:
+    from bnlab.experiments import experiment_names
+
+    paired = 0
+    for name in experiment_names():
+        module = __import__(type(get_experiment(name)).__module__, fromlist=["PAIRED"])
+        claim = getattr(module, "PAIRED", None)
+        if claim is None:
+            continue
+        paired += 1
+        assert get_experiment(name).rule == claim.rule, name
+        assert f"{claim.threshold_phrase};" in claim.rule
+    assert paired == 8  # all but lr-tolerance, whose rule is not a paired comparison
+
+
+def test_chance_accuracy_comes_from_the_datasets_class_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bnlab.data import DATASET_INFO
+
+    spec = RunSpec({"norm": "bn"}, 0, TrainConfig(dataset="digits"))
+    diverged = RunResult(spec, "x", {"test_acc": float("nan"), "diverged": True},
+                         [{"step": 1, "test_acc": 0.5}, {"step": 2, "test_acc": float("nan")}])
+    assert final_acc(diverged) == pytest.approx(0.1)
+    monkeypatch.setitem(DATASET_INFO, "digits", ((1, 8, 8), 4))
+    assert final_acc(diverged) == pytest.approx(0.25)
+    assert acc_curve(diverged) == ([1, 2], [0.5, 0.25])

@@ -57,12 +57,11 @@ def test_build_is_the_model_training_starts_from(digits) -> None:
     assert torch.equal(model.blocks[0].layer.weight, 0.25 * plain.blocks[0].layer.weight)
 
 
-def test_depth_probe_uses_the_training_model(digits, monkeypatch) -> None:
+def test_depth_probe_uses_the_training_model(digits) -> None:
     """The gradient probe's value is the gradient of the model training starts from (its
     parameters, its norm options: eps changes a train-mode forward) on the probe batch."""
-    from bnlab.experiments import base, depth
+    from bnlab.experiments import depth
 
-    monkeypatch.setitem(base._PRELOADED, "digits", digits)
     start = _training_start(CONFIG, digits)
     reference = build(CONFIG)
     with torch.no_grad():
@@ -72,19 +71,18 @@ def test_depth_probe_uses_the_training_model(digits, monkeypatch) -> None:
     y = digits.train.tensors[1][:depth.GRAD_BATCH]
     F.cross_entropy(reference.train()(x), y).backward()
     expected = float(reference.blocks[0].layer.weight.grad.norm())
-    assert depth.first_layer_grad_norm(CONFIG) == expected
-    other = depth.first_layer_grad_norm(dataclasses.replace(CONFIG, norm_kwargs={}))
+    assert depth.first_layer_grad_norm(CONFIG, digits) == expected
+    other = depth.first_layer_grad_norm(dataclasses.replace(CONFIG, norm_kwargs={}), digits)
     assert other != expected  # the probe sees the norm options
 
 
-def test_covariate_shift_starts_from_the_built_model(digits, monkeypatch) -> None:
+def test_covariate_shift_starts_from_the_built_model(digits) -> None:
     """Step 0's recorded accuracy is that of the built paper_mlp (same seed and weights)."""
-    from bnlab.experiments import base, covariate_shift
+    from bnlab.experiments import covariate_shift
     from bnlab.train import evaluate
 
-    monkeypatch.setitem(base._PRELOADED, "digits", digits)
     config = TrainConfig(model="paper_mlp", norm="bn", dataset="digits", steps=1,
                          eval_every=1, seed=4, init_scale=3.0)
-    metrics, _ = covariate_shift.train_with_percentiles(config, "torch")
+    metrics = covariate_shift.train_with_percentiles(config, "torch", digits).metrics
     _, acc = evaluate(build(config), digits.test)
     assert metrics[0]["step"] == 0 and metrics[0]["test_acc"] == acc

@@ -3,10 +3,12 @@
 NumPy only: importing this package never imports torch.
 
 - :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: the layers.
-- :mod:`bnlab.core.functional`: the math as pure functions (forward, backward, running
-  statistics update), for any rank with channels on axis 1.
+- :mod:`bnlab.core.functional`: the math as three functions (forward and the running
+  statistics update are pure; backward spends the forward's cache), for any rank with
+  channels on axis 1.
 - :class:`Linear`, :class:`ReLU`, :class:`Sigmoid`, :class:`Dropout`, :class:`Sequential`,
-  :func:`softmax_cross_entropy`, :class:`SGD`: enough to train an MLP from scratch.
+  :func:`softmax_cross_entropy`, :class:`SGD`: enough to train an MLP from scratch. Every
+  layer derives from one small base (mode, gradients, parameters, state dict).
 - :func:`set_num_threads` / :func:`get_num_threads`: threads used by the kernels.
 """
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from bnlab.core import functional as F
+from bnlab.core._module import Module
 from bnlab.core._state import checked_arrays
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -58,7 +59,7 @@ _DOC = r"""Batch normalization over {inputs}, from scratch in NumPy with PyTorch
     """
 
 
-class _BatchNorm:
+class _BatchNorm(Module):
     _ranks: tuple[int, ...] = ()
     _shapes = ""
 
@@ -82,13 +83,13 @@ class _BatchNorm:
         dt = np.dtype(dtype)
         if dt not in (np.float16, np.float32, np.float64):
             raise TypeError(f"dtype must be float16, float32 or float64, got {dt}")
+        super().__init__()
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dt
-        self.training = True
         self.weight: np.ndarray | None = np.ones(num_features, dt) if affine else None
         self.bias: np.ndarray | None = np.zeros(num_features, dt) if affine else None
         self.running_mean: np.ndarray | None = None
@@ -98,7 +99,6 @@ class _BatchNorm:
             self.running_mean = np.zeros(num_features, dt)
             self.running_var = np.ones(num_features, dt)
             self.num_batches_tracked = 0
-        self.grads: dict[str, np.ndarray] = {}
         self._cache: F.BatchNormCache | None = None
 
     # ----------------------------------------------------------------- forward / backward
@@ -142,8 +142,6 @@ class _BatchNorm:
         self._cache = cache
         return y
 
-    __call__ = forward
-
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Gradient w.r.t. the last forward's input; fills ``grads`` (weight, bias)."""
         if self._cache is None:
@@ -156,14 +154,7 @@ class _BatchNorm:
         }
         return dx
 
-    # ----------------------------------------------------------------- mode and state
-
-    def train(self, mode: bool = True) -> _BatchNorm:
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> _BatchNorm:
-        return self.train(False)
+    # ----------------------------------------------------------------- state
 
     def params(self) -> dict[str, np.ndarray]:
         """The trainable arrays (what an optimizer updates in place)."""

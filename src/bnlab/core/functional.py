@@ -1,4 +1,9 @@
-r"""Batch normalization as three pure functions, for inputs of any rank with channels on axis 1.
+r"""Batch normalization as three functions, for inputs of any rank with channels on axis 1.
+
+:func:`batch_norm_forward` and :func:`update_running_stats` are pure (they return new
+arrays and change nothing passed in). :func:`batch_norm_backward` spends a training cache:
+it computes dx in the buffer the forward kept, so one forward serves one backward, as a
+torch graph does (a second call raises).
 
 For an input ``x`` of shape (N, C, *) every channel c is normalised over the N·M values it
 has in the batch (M = product of the trailing sizes)::
@@ -56,7 +61,7 @@ FloatArray = NDArray[np.floating]
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BatchNormCache:
     """What :func:`batch_norm_backward` needs from one forward call (and the batch stats).
 
@@ -136,19 +141,12 @@ def batch_norm_forward(
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Normalise ``x`` (N, C, *) per channel; return ``(y, cache)``, y with x's dtype.
 
-    ``training=True`` uses the batch statistics (``cache.mean``, ``cache.var``,
-    ``cache.var_unbiased`` then hold them for :func:`update_running_stats`);
-    ``training=False`` uses ``running_mean`` / ``running_var``. Nothing is modified.
+    Two steps: the statistics (the batch's with ``training=True``, which ``cache.mean``,
+    ``cache.var`` and ``cache.var_unbiased`` then hold for :func:`update_running_stats`;
+    ``running_mean`` / ``running_var`` with ``training=False``), then the normalisation
+    ``y = (x − mean)·invstd·weight + bias``. Nothing passed in is modified.
     """
-    x = check_float_array(x, "x")
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (N, C, ...), got shape {x.shape}")
-    if not eps >= 0:  # also refuses NaN
-        raise ValueError(f"eps must be a number >= 0, got {eps}")
-    num_channels = x.shape[1]
-    for name, v in (("weight", weight), ("bias", bias)):
-        if v is not None and np.shape(v) != (num_channels,):
-            raise ValueError(f"{name} must have shape ({num_channels},), got {np.shape(v)}")
+    x = _check_forward_args(x, weight, bias, eps)
     cdt = compute_dtype(x.dtype)
     channels_last = _is_channels_last(x)
     x3 = _as_ncm(x, cdt, channels_last)
@@ -158,48 +156,26 @@ def batch_norm_forward(
     if training and n == 0:
         return _empty_batch_forward(x, weight, eps, cdt, channels_last)
 
+    w, b = _scale_and_shift(weight, bias, x.shape[1], cdt)
     if training:
-        if n <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{tuple(x.shape)}: drop the last incomplete batch (drop_last=True) or "
-                f"call eval() to use the running statistics"
-            )
-        shift = _kernels.shift_estimate(x3)
-        d, sum_d, sum_d2 = _kernels.centre_and_moments(x3, shift)
-        residual = sum_d / n
-        if np.any(residual * residual > 0.25 * (sum_d2 / n)):
-            # The first samples were far from the batch mean (sorted data): E[d²] − r² would
-            # cancel, so centre again on the mean just found (one more pass, rarely taken).
-            shift = shift + residual
-            d, sum_d, sum_d2 = _kernels.centre_and_moments(x3, shift)
-            residual = sum_d / n
-        mean = shift + residual
-        var = np.maximum(sum_d2 / n - residual * residual, 0)
-        invstd = 1.0 / np.sqrt(var + cdt.type(eps))
-        w, b = _scale_and_shift(weight, bias, num_channels, cdt)
-        # y = (d − r)·invstd·w + b, as one scale and one shift per channel.
-        y = _kernels.affine(d, w * invstd, b - residual * (w * invstd))
+        stats = _batch_statistics(x3, eps, x.shape)
+        # y = (d − r)·invstd·w + b: centred data, so no precision is lost to the offset.
+        y = _normalise(stats.centred, stats.residual, stats.invstd, w, b)
         cache = BatchNormCache(
-            x.shape, x.dtype, True, invstd, weight, d, residual, None, mean, var, n,
-            channels_last,
+            shape=x.shape, dtype=x.dtype, training=True, invstd=stats.invstd, weight=weight,
+            centred=stats.centred, residual=stats.residual, x=None, mean=stats.mean,
+            var=stats.var, count=n, channels_last=channels_last,
         )
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "training=False normalises with running statistics, but running_mean or "
-                "running_var is None: pass both, or use training=True (batch statistics)"
-            )
-        mean = np.asarray(running_mean).astype(cdt)
-        var = np.asarray(running_var).astype(cdt)
+        mean, var = _running_statistics(running_mean, running_var, cdt)
         invstd = 1.0 / np.sqrt(var + cdt.type(eps))
-        # Eval is one fused scale and shift: y = x·(w·invstd) + (b − mean·w·invstd), as in
-        # torch (with a huge offset this rounds like torch's eval; training is exact).
-        w, b = _scale_and_shift(weight, bias, num_channels, cdt)
-        y = _kernels.affine(x3, w * invstd, b - mean * (w * invstd))
+        # One fused scale and shift of x itself, as torch's eval (with a huge offset this
+        # rounds like torch's eval; training is exact).
+        y = _normalise(x3, mean, invstd, w, b)
         cache = BatchNormCache(
-            x.shape, x.dtype, False, invstd, weight, None, None, x3, mean, var, n,
-            channels_last,
+            shape=x.shape, dtype=x.dtype, training=False, invstd=invstd, weight=weight,
+            centred=None, residual=None, x=x3, mean=mean, var=var, count=n,
+            channels_last=channels_last,
         )
     return _from_ncm(y, x.shape, channels_last).astype(x.dtype, copy=False), cache
 
@@ -217,6 +193,86 @@ def _empty_batch_forward(x: np.ndarray, weight: np.ndarray | None, eps: float,
         var=zeros, count=0, channels_last=channels_last,
     )
     return x.astype(x.dtype, copy=True), cache
+
+
+def _check_forward_args(
+    x: object, weight: np.ndarray | None, bias: np.ndarray | None, eps: float
+) -> np.ndarray:
+    """``x`` as a float array of rank >= 2, with ``weight``/``bias`` of shape (C,) and
+    ``eps >= 0``; a ValueError/TypeError naming the argument otherwise."""
+    arr = check_float_array(x, "x")
+    if arr.ndim < 2:
+        raise ValueError(f"x must have shape (N, C, ...), got shape {arr.shape}")
+    if not eps >= 0:  # also refuses NaN
+        raise ValueError(f"eps must be a number >= 0, got {eps}")
+    num_channels = arr.shape[1]
+    for name, v in (("weight", weight), ("bias", bias)):
+        if v is not None and np.shape(v) != (num_channels,):
+            raise ValueError(f"{name} must have shape ({num_channels},), got {np.shape(v)}")
+    return arr
+
+
+@dataclass(frozen=True, kw_only=True)
+class _BatchStatistics:
+    """Per-channel batch statistics of a (N, C, M) array, and the centred data they leave.
+
+    ``centred = x − shift`` for a shift near the mean, ``residual = mean − shift`` (small),
+    ``var`` the biased variance, ``invstd = 1 / sqrt(var + eps)``.
+    """
+
+    mean: FloatArray
+    var: FloatArray
+    invstd: FloatArray
+    centred: FloatArray
+    residual: FloatArray
+
+
+def _batch_statistics(x3: FloatArray, eps: float, shape: tuple[int, ...]) -> _BatchStatistics:
+    """The statistics step of training: shifted-data moments (see the module docstring).
+
+    ``shape`` is the caller's input shape, for the error when a channel has one value.
+    """
+    n = x3.shape[0] * x3.shape[2]
+    if n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{tuple(shape)}: drop the last incomplete batch (drop_last=True) or "
+            f"call eval() to use the running statistics"
+        )
+    shift = _kernels.shift_estimate(x3)
+    d, sum_d, sum_d2 = _kernels.centre_and_moments(x3, shift)
+    residual = sum_d / n
+    if np.any(residual * residual > 0.25 * (sum_d2 / n)):
+        # The first samples were far from the batch mean (sorted data): E[d²] − r² would
+        # cancel, so centre again on the mean just found (one more pass, rarely taken).
+        shift = shift + residual
+        d, sum_d, sum_d2 = _kernels.centre_and_moments(x3, shift)
+        residual = sum_d / n
+    var = np.maximum(sum_d2 / n - residual * residual, 0)
+    invstd = 1.0 / np.sqrt(var + x3.dtype.type(eps))
+    return _BatchStatistics(mean=shift + residual, var=var, invstd=invstd, centred=d,
+                           residual=residual)
+
+
+def _running_statistics(
+    running_mean: np.ndarray | None, running_var: np.ndarray | None, cdt: np.dtype
+) -> tuple[FloatArray, FloatArray]:
+    """The statistics step of eval: the running statistics in the compute dtype."""
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "training=False normalises with running statistics, but running_mean or "
+            "running_var is None: pass both, or use training=True (batch statistics)"
+        )
+    return np.asarray(running_mean).astype(cdt), np.asarray(running_var).astype(cdt)
+
+
+def _normalise(
+    values: FloatArray, centre: FloatArray, invstd: FloatArray, w: FloatArray, b: FloatArray
+) -> FloatArray:
+    """The normalisation step: ``(values − centre)·invstd·w + b`` as one scale and one
+    shift per channel (a single pass over the tensor)."""
+    scale = w * invstd
+    return _kernels.affine(values, scale, b - centre * scale)
 
 
 def _scale_and_shift(
@@ -251,35 +307,52 @@ def batch_norm_backward(
     weight = cache.weight
     gain = cache.invstd if weight is None else cache.invstd * weight.astype(cdt)
 
+    sums: tuple[FloatArray, FloatArray] | None
     if cache.training:
-        d = cache.centred
-        if d is None or cache.residual is None:
-            raise RuntimeError(
-                "backward() was already called for this forward (its buffer now holds dx): "
-                "run forward again"
-            )
-        n, r, invstd = cache.count, cache.residual, cache.invstd
-        sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
-        sum_dy_xhat = invstd * (sum_dy_d - r * sum_dy)  # Σ dy·(d − r)·invstd
-        # dx = gain·(dy − Σdy/n − xhat·Σdy·xhat/n) with xhat = (d − r)·invstd, computed in
-        # d's own memory (so the cache is spent: one backward per forward, as in torch).
-        k = -invstd * sum_dy_xhat / n
-        cache.centred = None
-        dx = _kernels.batch_norm_dx(dy3, d, gain, k, -k * r - sum_dy / n)
+        dx, sums = _backward_through_batch_stats(dy3, cache, gain)
     else:
-        if cache.x is None:
-            raise RuntimeError("internal error: an eval cache without x")
-        dx = _kernels.affine(dy3, gain, np.zeros_like(gain))
-        if weight is not None:
-            # The weight's gradient needs xhat, which eval does not keep: recompute it.
-            d, _, _ = _kernels.centre_and_moments(cache.x, cache.mean)
-            sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
-            sum_dy_xhat = sum_dy_d * cache.invstd
-
+        dx, sums = _backward_through_constants(dy3, cache, gain, need_sums=weight is not None)
     dx = _from_ncm(dx, cache.shape, cache.channels_last).astype(cache.dtype, copy=False)
-    if weight is None:
+    if weight is None or sums is None:
         return dx, None, None
+    sum_dy, sum_dy_xhat = sums
     return dx, sum_dy_xhat.astype(weight.dtype), sum_dy.astype(weight.dtype)
+
+
+def _backward_through_batch_stats(
+    dy3: FloatArray, cache: BatchNormCache, gain: FloatArray
+) -> tuple[FloatArray, tuple[FloatArray, FloatArray]]:
+    """Training: dx (the statistics depend on x), written into the cache's buffer, which
+    is then spent; and (Σdy, Σdy·xhat)."""
+    d = cache.centred
+    if d is None or cache.residual is None:
+        raise RuntimeError(
+            "backward() was already called for this forward (its buffer now holds dx): "
+            "run forward again"
+        )
+    n, r, invstd = cache.count, cache.residual, cache.invstd
+    sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
+    sum_dy_xhat = invstd * (sum_dy_d - r * sum_dy)  # Σ dy·(d − r)·invstd
+    # dx = gain·(dy − Σdy/n − xhat·Σdy·xhat/n) with xhat = (d − r)·invstd, computed in
+    # d's own memory (so the cache is spent: one backward per forward, as in torch).
+    k = -invstd * sum_dy_xhat / n
+    cache.centred = None
+    return _kernels.batch_norm_dx(dy3, d, gain, k, -k * r - sum_dy / n), (sum_dy, sum_dy_xhat)
+
+
+def _backward_through_constants(
+    dy3: FloatArray, cache: BatchNormCache, gain: FloatArray, *, need_sums: bool
+) -> tuple[FloatArray, tuple[FloatArray, FloatArray] | None]:
+    """Eval: dx = gain·dy (the statistics are constants); (Σdy, Σdy·xhat) if ``need_sums``."""
+    if cache.x is None:
+        raise RuntimeError("internal error: an eval cache without x")
+    dx = _kernels.affine(dy3, gain, np.zeros_like(gain))
+    if not need_sums:
+        return dx, None
+    # The weight's gradient needs xhat, which eval does not keep: recompute it.
+    d, _, _ = _kernels.centre_and_moments(cache.x, cache.mean)
+    sum_dy, sum_dy_d = _kernels.sum_and_dot(dy3, d)
+    return dx, (sum_dy, sum_dy_d * cache.invstd)
 
 
 def update_running_stats(

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from bnlab.core._module import Module
 from bnlab.core._state import checked_arrays
 from bnlab.core.functional import check_float_array
+
+_S = TypeVar("_S", bound="Sequential")
 
 __all__ = [
     "SGD",
@@ -43,19 +46,12 @@ class Layer(Protocol):
     def eval(self) -> Any: ...
 
 
-class _Module:
-    """Shared plumbing: mode flags, the saved input, the state dict of ``params()``."""
+class _Module(Module):
+    """A layer that keeps what its forward saw (input or output) for its backward."""
 
     def __init__(self) -> None:
-        self.training = True
-        self.grads: dict[str, np.ndarray] = {}
+        super().__init__()
         self._saved: np.ndarray | None = None
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.forward(x)
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
 
     def _saved_for(self, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._saved is None:
@@ -67,24 +63,6 @@ class _Module:
                 f"{self._saved.shape} (the output of the last forward)"
             )
         return dy, self._saved
-
-    def train(self, mode: bool = True) -> Any:
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> Any:
-        return self.train(False)
-
-    def params(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self.params().items()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        params = self.params()
-        for key, value in checked_arrays(type(self).__name__, state, params).items():
-            params[key][...] = value  # in place: an optimizer's references stay valid
 
 
 class Linear(_Module):
@@ -208,7 +186,7 @@ class Dropout(_Module):
         return dy * self._mask
 
 
-class Sequential:
+class Sequential(Module):
     """Layers applied in order; parameters and state under torch-style keys ``"0.weight"``.
 
     ``forward(x, record=True)`` keeps every layer's output in ``outputs`` (the input to a
@@ -216,8 +194,10 @@ class Sequential:
     """
 
     def __init__(self, *layers: Any) -> None:
-        self.layers: list[Any] = list(layers)
+        # Module.__init__ is not called: it would assign ``grads``, which here is the
+        # layers' gradients, read-only.
         self.training = True
+        self.layers: list[Any] = list(layers)
         self.outputs: list[np.ndarray] = []
 
     def forward(self, x: np.ndarray, *, record: bool = False) -> np.ndarray:
@@ -247,7 +227,8 @@ class Sequential:
         return self._named("params")
 
     @property
-    def grads(self) -> dict[str, np.ndarray]:
+    def grads(self) -> dict[str, np.ndarray]:  # type: ignore[override]
+        """Every layer's gradients under the state-dict keys (a read-only view)."""
         return {
             f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.grads.items()
         }
@@ -263,14 +244,11 @@ class Sequential:
             own = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             layer.load_state_dict(own)
 
-    def train(self, mode: bool = True) -> Sequential:
-        self.training = bool(mode)
+    def train(self: _S, mode: bool = True) -> _S:
+        super().train(mode)
         for layer in self.layers:
             layer.train(mode)
         return self
-
-    def eval(self) -> Sequential:
-        return self.train(False)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.layers)

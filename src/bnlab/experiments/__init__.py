@@ -1,9 +1,13 @@
 """The claims lab: every claim the seed documents make about batch norm, as an experiment.
 
-Each claim is one module with a frozen config per profile, its runs, its metric and a
-verdict rule written before any run (:mod:`bnlab.experiments.base`). The runner
-(:mod:`bnlab.experiments.runner`) makes them resumable and parallel; the report
-(:mod:`bnlab.experiments.report`) turns a results folder into Markdown and HTML.
+Each claim is one module: a declaration with a frozen config per profile (embedding the
+shared training settings), its runs, its metric and a verdict rule written before any run
+(:mod:`~bnlab.experiments.base`; a paired claim's rule text is generated from the verdict
+code in :mod:`~bnlab.experiments.verdict`). :mod:`~bnlab.experiments.analysis` reads runs
+for an analysis. The runner (:mod:`~bnlab.experiments.runner`) plans and resumes, the
+store (:mod:`~bnlab.experiments.store`) owns the results folder, the scheduler
+(:mod:`~bnlab.experiments.scheduler`) forks the runs; the report
+(:mod:`~bnlab.experiments.report`) turns a results folder into Markdown and HTML.
 
 >>> from bnlab.experiments import experiment_names
 >>> experiment_names()[:3]

@@ -1,15 +1,18 @@
 """What an experiment is: a claim, runs, a metric and a verdict rule written before any run.
 
-An :class:`Experiment` subclass (one module per claim) provides
+An :class:`Experiment` subclass (one module per claim) declares
 
 - ``claim``, ``seeds`` (the seed documents making it), ``rule`` (the verdict rule in plain
-  words, shown in the report) and one frozen config per profile (``smoke``, ``quick``,
-  ``full``) in ``profiles``;
+  words, shown in the report; a paired claim generates it from the verdict code, see
+  :class:`bnlab.experiments.verdict.PairedClaim`) and one frozen config per profile
+  (``smoke``, ``quick``, ``full``) in ``profiles``; each config embeds the shared
+  :class:`TrainSettings` and adds what the claim sweeps or measures;
 - ``runs(cfg, dataset)``: the list of :class:`RunSpec` (one training run each);
-- optionally ``execute(spec, run_dir, progress)``: a custom run (the default trains with
-  :func:`bnlab.train.train`); it writes ``metrics.jsonl`` and then ``summary.json`` LAST;
+- ``runners()``: for each :attr:`RunSpec.kind` it uses, the function that performs such a
+  run from a :class:`RunContext` and returns its :class:`RunOutput` (``"train"``, the
+  plain training loop, unless the claim needs more);
 - ``analyse(cfg, results)``: the metric, the per-config table and the verdict, computed by
-  code fixed before the runs (:func:`compare` is the shared rule);
+  code fixed before the runs;
 - ``plot(cfg, results, out_dir)``: PNG files.
 
 A run's identity is a hash of its full config (and the bnlab version), so a rerun finds
@@ -20,17 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from bnlab import __version__
+from bnlab.experiments.verdict import VERDICTS, Verdict
 from bnlab.train import TrainConfig
 
-Verdict = Literal["supported", "not supported", "inconclusive"]
-VERDICTS: tuple[Verdict, ...] = ("supported", "not supported", "inconclusive")
+if TYPE_CHECKING:
+    from bnlab.data import DatasetSplits
+
 PROFILES: tuple[str, ...] = ("smoke", "quick", "full")
 
 
@@ -39,8 +43,8 @@ class RunSpec:
     """One run: a training config plus the labels that place it in the comparison.
 
     ``group`` is the run's cell in the comparison (e.g. ``{"norm": "bn", "lr": 0.1}``);
-    runs that differ only by ``seed`` are averaged. ``kind`` selects the module's custom
-    run function (``"train"`` is the plain training loop); ``params`` are its extra inputs.
+    runs that differ only by ``seed`` are averaged. ``kind`` selects the experiment's run
+    function (:meth:`Experiment.runners`); ``params`` are its extra inputs.
     """
 
     group: dict[str, Any]
@@ -67,11 +71,28 @@ class RunSpec:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def label(self) -> str:
-        return group_label(self.group)
+        return ", ".join(f"{k}={v}" for k, v in self.group.items())
 
 
-def group_label(group: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in group.items())
+@dataclass(frozen=True)
+class RunContext:
+    """What the lab hands a run, explicitly: the dataset (loaded once by the lab; forked
+    runs share it copy-on-write), the threads the run may use, whether it shows progress."""
+
+    data: DatasetSplits
+    threads: int = 1
+    progress: bool | None = False
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What a run function returns; the lab writes it into the run's folder."""
+
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+RunFunction = Callable[[RunSpec, RunContext], RunOutput]
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,13 @@ class RunResult:
     run_id: str
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
+
+    @property
+    def chance(self) -> float:
+        """Chance accuracy on the run's dataset, ``1 / classes``: what a diverged run scores."""
+        from bnlab.data import DATASET_INFO
+
+        return 1.0 / DATASET_INFO[self.spec.config.dataset][1]
 
 
 @dataclass
@@ -102,6 +130,14 @@ class Analysis:
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+def train_run(spec: RunSpec, ctx: RunContext) -> RunOutput:
+    """The plain training loop on the lab's data (the ``"train"`` kind)."""
+    from bnlab.train import train
+
+    result = train(spec.config, out_dir=None, progress=ctx.progress, data=ctx.data)
+    return RunOutput(result.metrics, result.summary)
 
 
 class Experiment:
@@ -127,13 +163,17 @@ class Experiment:
     def runs(self, cfg: Any, dataset: str) -> list[RunSpec]:
         raise NotImplementedError
 
-    def execute(self, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
-        """Run ``spec`` into ``run_dir``: the plain training loop, files written by the lab."""
-        from bnlab.train import train
+    def runners(self) -> dict[str, RunFunction]:
+        """Run kind -> the function that performs a run of that kind."""
+        return {"train": train_run}
 
-        result = train(spec.config, out_dir=None, progress=progress,
-                       data=get_data(spec.config.dataset))
-        write_run_files(run_dir, result.metrics, result.summary)
+    def execute(self, spec: RunSpec, ctx: RunContext) -> RunOutput:
+        """Perform ``spec`` with the run function of its kind."""
+        runners = self.runners()
+        if spec.kind not in runners:
+            raise ValueError(f"experiment {self.name}: no run function for kind "
+                             f"{spec.kind!r}; expected one of: {', '.join(runners)}")
+        return runners[spec.kind](spec, ctx)
 
     def analyse(self, cfg: Any, results: list[RunResult]) -> Analysis:
         raise NotImplementedError
@@ -142,33 +182,14 @@ class Experiment:
         return []
 
 
-_PRELOADED: dict[str, Any] = {}
-
-
-def preload(dataset: str, data_dir: str | Path | None = None) -> None:
-    """Load ``dataset`` once in the runner's process; forked runs share it (copy-on-write)
-    instead of each reading and normalising the files again."""
-    from bnlab.data import load_dataset
-
-    _PRELOADED[dataset] = load_dataset(dataset, data_dir)
-
-
-def get_data(dataset: str) -> Any:
-    """The preloaded dataset, or loaded now (never downloaded) if the runner did not."""
-    if dataset not in _PRELOADED:
-        from bnlab.data import load_dataset
-
-        _PRELOADED[dataset] = load_dataset(dataset, download=False)
-    return _PRELOADED[dataset]
-
-
-@dataclass(frozen=True)
-class CurveConfig:
-    """Settings of a comparison that tracks test accuracy along training (one profile)."""
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """The training settings a claim's runs share (one profile). Each claim's config
+    embeds them (a subclass) and adds what it sweeps or measures; a run that sweeps one of
+    these settings sets it itself (:func:`train_config`)."""
 
     seeds: tuple[int, ...]
     steps: int
-    eval_every: int
     lr: float = 0.01
     momentum: float = 0.9
     batch_size: int = 64
@@ -177,147 +198,26 @@ class CurveConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-# The settings a sweep's config gives every run unless the run sets its own (train_config).
-SHARED_SETTINGS = ("model", "steps", "batch_size", "lr", "momentum", "eval_subset")
+# The settings train_config copies into every run (seeds are the runs' own; model_kwargs
+# are copied so that a run may add to them).
+_SHARED = tuple(f.name for f in fields(TrainSettings) if f.name not in ("seeds", "model_kwargs"))
 
 
-def train_config(cfg: Any, dataset: str, seed: int, **run: Any) -> TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class CurveConfig(TrainSettings):
+    """Settings of a comparison that tracks test accuracy along training."""
+
+    eval_every: int
+
+
+def train_config(cfg: TrainSettings, dataset: str, seed: int, **run: Any) -> TrainConfig:
     """The training config of one run of an experiment with config ``cfg``.
 
     ``run`` holds what the run sets itself (``norm``, ``eval_every``, the swept value …).
-    Every :data:`SHARED_SETTINGS` the run does not set, and a copy of ``model_kwargs``,
+    Every shared setting of ``cfg`` the run does not set, and a copy of ``model_kwargs``,
     come from ``cfg``.
     """
-    shared = {k: getattr(cfg, k) for k in SHARED_SETTINGS if k not in run}
+    shared = {k: getattr(cfg, k) for k in _SHARED if k not in run}
     if "model_kwargs" not in run:
         shared["model_kwargs"] = dict(cfg.model_kwargs)
     return TrainConfig(dataset=dataset, seed=seed, **shared, **run)
-
-
-def write_run_files(run_dir: Path, metrics: Sequence[dict[str, Any]], summary: dict[str, Any],
-                    extra: dict[str, Any] | None = None) -> None:
-    """Write the run folder (:func:`bnlab.train.runfiles.write_run`: summary.json last)."""
-    from bnlab.train.runfiles import write_run
-
-    write_run(run_dir, metrics, summary, extra)
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value) and the count."""
-    xs = [float(v) for v in values]
-    if not xs:
-        return math.nan, math.nan, 0
-    m = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return m, 0.0, 1
-    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return m, math.sqrt(var), len(xs)
-
-
-def compare(diffs: Sequence[float], threshold: float) -> tuple[Verdict, float, float]:
-    """The shared verdict rule on per-seed differences (claimed direction positive).
-
-    With ``d`` the mean difference and ``se = std / sqrt(n)`` its standard error over seeds:
-
-    - ``supported`` when ``d >= threshold`` and ``d - 2·se > 0``;
-    - ``not supported`` when ``d + 2·se < threshold`` (the effect is confidently smaller
-      than the claimed size, or goes the other way);
-    - ``inconclusive`` otherwise (the seeds' spread straddles the threshold).
-
-    With one seed ``se`` is 0: the verdict then rests on that seed alone (the report says
-    how many seeds there were). Returns ``(verdict, d, se)``.
-    """
-    if not diffs:
-        return "inconclusive", math.nan, math.nan
-    d, sd, n = mean_std(diffs)
-    if any(math.isnan(x) for x in diffs):
-        return "inconclusive", d, math.nan
-    se = sd / math.sqrt(n)
-    if d >= threshold and d - 2 * se > 0:
-        return "supported", d, se
-    if d + 2 * se < threshold:
-        return "not supported", d, se
-    return "inconclusive", d, se
-
-
-def pm(d: float, se: float, n: int, digits: int) -> str:
-    """``d ± se`` for a headline, with ``digits`` decimals and ``d`` signed.
-
-    With one seed there is no standard error (``compare`` then uses 0), so none is shown,
-    as :func:`fmt_ms` shows no spread for one value: ``+1.2 (1 seed)`` rather than a
-    misleading ``+1.2 ± 0.0``.
-    """
-    if n < 2:
-        return f"{d:+.{digits}f} (1 seed)"
-    return f"{d:+.{digits}f} ± {se:.{digits}f}"
-
-
-def final_acc(result: RunResult, num_classes: int = 10) -> float:
-    """Final test accuracy in [0, 1]; a diverged run counts as chance (1 / classes)."""
-    acc = result.summary.get("test_acc")
-    if result.summary.get("diverged") or acc is None or not math.isfinite(float(acc)):
-        return 1.0 / num_classes
-    return float(acc)
-
-
-def acc_curve(result: RunResult) -> tuple[list[int], list[float]]:
-    """(steps, test accuracies) of a run's evaluations; non-finite values become chance."""
-    steps, accs = [], []
-    for m in result.metrics:
-        if "test_acc" not in m:
-            continue
-        a = m["test_acc"]
-        steps.append(int(m["step"]))
-        accs.append(float(a) if a is not None and math.isfinite(float(a)) else 0.1)
-    return steps, accs
-
-
-def steps_to(result: RunResult, threshold: float) -> float:
-    """First evaluated step with test accuracy >= threshold; ``inf`` if never reached."""
-    for step, acc in zip(*acc_curve(result), strict=True):
-        if acc >= threshold:
-            return float(step)
-    return math.inf
-
-
-def paired_diffs_pp(claimed: Sequence[RunResult], other: Sequence[RunResult],
-                    metric: Callable[[RunResult], float] = final_acc) -> list[float]:
-    """Per seed, ``metric`` of the ``claimed`` run minus the ``other`` run, in percentage
-    points; both lists sorted by seed, as :func:`select` returns them."""
-    return [100 * (metric(a) - metric(b)) for a, b in zip(claimed, other, strict=True)]
-
-
-def select(results: Iterable[RunResult], **group: Any) -> list[RunResult]:
-    """The results whose group contains every ``key=value`` given, sorted by seed."""
-    chosen = [r for r in results if all(r.spec.group.get(k) == v for k, v in group.items())]
-    return sorted(chosen, key=lambda r: r.spec.seed)
-
-
-def eval_set_text(eval_subset: int | None) -> str:
-    """How the protocol names the evaluation set."""
-    return "the full test set" if eval_subset is None else f"the first {eval_subset} test images"
-
-
-def fmt_ms(values: Sequence[float], scale: float = 100.0, unit: str = " %") -> str:
-    """``mean ± std`` of ``values`` times ``scale`` (accuracies in % by default)."""
-    m, s, n = mean_std(values)
-    if n == 0 or not math.isfinite(m):
-        return "n/a"
-    if n == 1:
-        return f"{scale * m:.2f}{unit}"
-    return f"{scale * m:.2f} ± {scale * s:.2f}{unit}"
-
-
-def table_row(group: dict[str, Any], **cols: Any) -> dict[str, Any]:
-    return {**{k: ("None" if v is None else v) for k, v in group.items()}, **cols}
-
-
-def acc_row(group: dict[str, Any], runs: Sequence[RunResult], **cols: Any) -> dict[str, Any]:
-    """The table row of ``group``: final accuracy (mean ± std), ``cols``, the number of
-    diverged runs and of seeds."""
-    return table_row(group, final_acc=fmt_ms([final_acc(r) for r in runs]), **cols,
-                     diverged=sum(bool(r.summary.get("diverged")) for r in runs),
-                     seeds=len(runs))

@@ -8,41 +8,41 @@ samples / batch), same SGD settings. Metric: final test accuracy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from bnlab.experiments.analysis import acc_row, eval_set_text, final_acc, fmt_ms, select
 from bnlab.experiments.base import (
     Analysis,
     Experiment,
     RunResult,
     RunSpec,
-    acc_row,
-    compare,
-    eval_set_text,
-    final_acc,
-    fmt_ms,
-    pm,
-    select,
+    TrainSettings,
     train_config,
 )
+from bnlab.experiments.verdict import PairedClaim
 
 BATCHES = (2, 4, 8, 16, 32, 128)
 BASE_NORMS = ("bn", "gn", "ln")
 EXTRA_NORMS = ("renorm", "ghost")
-THRESHOLD_PP = 2.0
+PAIRED = PairedClaim(
+    "Per seed, gap(b) = best of GroupNorm/LayerNorm minus BN final test accuracy at batch b; "
+    "the difference is gap(smallest batch) − gap(largest batch)",
+    threshold=2.0, key="gap_growth_pp",
+)
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    samples: int
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainSettings):
+    """Each batch size of ``batches`` sees the samples of the shared schedule
+    (``steps`` × ``batch_size``): ``samples // batch`` steps."""
+
     batches: tuple[int, ...] = BATCHES
-    lr: float = 0.01
-    momentum: float = 0.9
-    eval_subset: int | None = None
-    model: str = "seed_cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return self.steps * self.batch_size
 
 
 def available_norms() -> list[str]:
@@ -57,17 +57,11 @@ class BatchSize(Experiment):
     name = "batch-size"
     claim = "Batch norm degrades at small batch sizes, unlike GroupNorm and LayerNorm."
     seeds = "beyond the seeds"
-    rule = (
-        f"Per seed, gap(b) = best of GroupNorm/LayerNorm minus BN final test accuracy at "
-        f"batch b; effect = gap(smallest batch) − gap(largest batch). supported if the mean "
-        f"effect is at least {THRESHOLD_PP:g} percentage points and more than 2 standard "
-        f"errors above zero; not supported if mean + 2 SE is below {THRESHOLD_PP:g}; "
-        f"inconclusive otherwise."
-    )
+    rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
-        "smoke": Config(seeds=(0,), samples=128, batches=(2, 64), eval_subset=200),
-        "quick": Config(seeds=(0,), samples=6400, eval_subset=2000),
-        "full": Config(seeds=(0, 1, 2), samples=32000),
+        "smoke": Config(seeds=(0,), steps=2, batches=(2, 64), eval_subset=200),
+        "quick": Config(seeds=(0,), steps=100, eval_subset=2000),
+        "full": Config(seeds=(0, 1, 2), steps=500),
     }
 
     def protocol(self, cfg: Config) -> str:
@@ -103,20 +97,20 @@ class BatchSize(Experiment):
             return max(acc("gn"), acc("ln")) - acc("bn")
 
         lo, hi = min(cfg.batches), max(cfg.batches)
-        diffs = [100 * (gap(lo, s) - gap(hi, s)) for s in cfg.seeds]
-        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        decision = PAIRED.decide([100 * (gap(lo, s) - gap(hi, s)) for s in cfg.seeds])
         bn_lo = fmt_ms([final_acc(r) for r in select(results, norm="bn", batch=lo)])
         bn_hi = fmt_ms([final_acc(r) for r in select(results, norm="bn", batch=hi)])
         headline = (
             f"BN at batch {lo}: {bn_lo}, at batch {hi}: {bn_hi}; its deficit against the best "
-            f"of GN/LN grows by {pm(d, se, len(diffs), 1)} points from batch {hi} to {lo}."
+            f"of GN/LN grows by {decision.pm(1)} points from batch {hi} to {lo}."
         )
-        return Analysis(verdict, headline, {
-            "gap_growth_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,
-            "gap_small_pp": 100 * sum(gap(lo, s) for s in cfg.seeds) / len(cfg.seeds),
-            "gap_large_pp": 100 * sum(gap(hi, s) for s in cfg.seeds) / len(cfg.seeds),
-            "norms": norms, "seeds": len(diffs),
-        }, table)
+        return Analysis(decision.verdict, headline, PAIRED.effect(
+            decision, after={
+                "gap_small_pp": 100 * sum(gap(lo, s) for s in cfg.seeds) / len(cfg.seeds),
+                "gap_large_pp": 100 * sum(gap(hi, s) for s in cfg.seeds) / len(cfg.seeds),
+                "norms": norms,
+            },
+        ), table)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
         from bnlab.experiments.plots import sweep_plot

@@ -13,29 +13,32 @@ import math
 from pathlib import Path
 from typing import ClassVar
 
+from bnlab.experiments.analysis import (
+    acc_curve,
+    eval_set_text,
+    final_acc,
+    fmt_ms,
+    paired_diffs_pp,
+    select,
+    steps_to,
+    table_row,
+)
 from bnlab.experiments.base import (
     Analysis,
     CurveConfig,
     Experiment,
     RunResult,
     RunSpec,
-    acc_curve,
-    compare,
-    eval_set_text,
-    final_acc,
-    fmt_ms,
-    mean_std,
-    paired_diffs_pp,
-    pm,
-    select,
-    steps_to,
-    table_row,
     train_config,
 )
+from bnlab.experiments.verdict import PairedClaim, mean_std
 
-THRESHOLD_PP = 1.0  # BN's curve must lie at least 1 percentage point higher on average
 TARGETS = (0.97, 0.98, 0.99)
-
+# BN's curve must lie at least 1 percentage point higher on average
+PAIRED = PairedClaim(
+    "Per seed, the mean test accuracy over all evaluations (area under the accuracy curve) "
+    "with BN minus without", threshold=1.0, key="curve_diff_pp",
+)
 
 Config = CurveConfig
 
@@ -44,12 +47,7 @@ class Convergence(Experiment):
     name = "convergence"
     claim = "Batch norm makes training converge faster."
     seeds = "000, 001"
-    rule = (
-        f"Per seed, the mean test accuracy over all evaluations (area under the accuracy "
-        f"curve) with BN minus without. supported if the mean difference is at least "
-        f"{THRESHOLD_PP:g} percentage point and more than 2 standard errors above zero; not "
-        f"supported if mean + 2 SE is below {THRESHOLD_PP:g} point; inconclusive otherwise."
-    )
+    rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
         "smoke": Config(seeds=(0,), steps=10, eval_every=5, eval_subset=200),
         "quick": Config(seeds=(0, 1), steps=300, eval_every=30, eval_subset=2000),
@@ -76,7 +74,7 @@ class Convergence(Experiment):
     def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
         def auc(r: RunResult) -> float:
             _, accs = acc_curve(r)
-            return sum(accs) / len(accs) if accs else 0.1
+            return sum(accs) / len(accs) if accs else r.chance
 
         table = []
         for norm in ("none", "bn"):
@@ -88,19 +86,16 @@ class Convergence(Experiment):
                 row[f"steps_to_{100 * t:g}"] = "never" if math.isinf(m) else f"{m:.0f}"
             table.append(row)
         bn, none = select(results, norm="bn"), select(results, norm="none")
-        diffs = paired_diffs_pp(bn, none, auc)
-        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        decision = PAIRED.decide(paired_diffs_pp(bn, none, auc))
         s97 = {n: mean_std(steps_to(r, TARGETS[0]) for r in select(results, norm=n))[0]
                for n in ("bn", "none")}
         headline = (
-            f"Accuracy curve {pm(d, se, len(diffs), 2)} points higher with BN (mean over the run); "
+            f"Accuracy curve {decision.pm(2)} points higher with BN (mean over the run); "
             f"steps to 97 %: BN {_steps(s97['bn'])}, no BN {_steps(s97['none'])}."
         )
-        return Analysis(verdict, headline, {
-            "curve_diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,
-            "steps_to_97_bn": s97["bn"], "steps_to_97_none": s97["none"],
-            "seeds": len(diffs),
-        }, table)
+        return Analysis(decision.verdict, headline, PAIRED.effect(
+            decision, after={"steps_to_97_bn": s97["bn"], "steps_to_97_none": s97["none"]},
+        ), table)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
         from bnlab.experiments.plots import curves_plot

@@ -25,40 +25,49 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from bnlab.experiments.analysis import acc_curve, final_acc, fmt_ms, select, table_row
 from bnlab.experiments.base import (
     Analysis,
     Experiment,
+    RunFunction,
+    RunOutput,
     RunResult,
     RunSpec,
-    acc_curve,
-    compare,
-    final_acc,
-    fmt_ms,
-    get_data,
-    select,
-    table_row,
-    write_run_files,
+    TrainSettings,
+    train_config,
 )
+from bnlab.experiments.verdict import PairedClaim
 from bnlab.train import TrainConfig
+
+if TYPE_CHECKING:
+    from bnlab.data import DatasetSplits
 
 PERCENTILES = (15, 50, 85)
 UNIT = 0
 PROBE_IMAGES = 1000
-THRESHOLD_LOG2 = math.log2(1.5)
 BACKENDS = ("torch", "numpy")
+PAIRED = PairedClaim(
+    "Per seed (torch runs), drift = mean |change| of the 15/50/85th percentiles of the "
+    "sigmoid input between consecutive recordings ÷ the final 85−15 width; the difference "
+    "is log2(drift without BN / drift with BN), so log2(1.5) means no-BN drifts 1.5× more",
+    threshold=math.log2(1.5), key="log2_drift_ratio", suffix="log2", threshold_text="log2(1.5)",
+    note="The NumPy runs must reproduce the torch curves (reported, not part of the verdict).",
+)
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    steps: int
-    record_every: int
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainSettings):
+    """The paper's MLP and SGD without momentum; percentiles every ``record_every`` steps."""
+
+    model: str = "paper_mlp"
     lr: float = 0.5
+    momentum: float = 0.0
     batch_size: int = 60
+    record_every: int
 
 
 class CovariateShift(Experiment):
@@ -66,14 +75,7 @@ class CovariateShift(Experiment):
     claim = ("Batch norm reduces internal covariate shift: the distribution of a layer's "
              "inputs changes less during training.")
     seeds = "000, 001"
-    rule = (
-        "Per seed (torch runs), drift = mean |change| of the 15/50/85th percentiles of the "
-        "sigmoid input between consecutive recordings ÷ the final 85−15 width; effect = "
-        "log2(drift without BN / drift with BN). supported if the mean effect is at least "
-        "log2(1.5) (no-BN drifts at least 1.5× more) and more than 2 standard errors above "
-        "zero; not supported if mean + 2 SE is below log2(1.5); inconclusive otherwise. "
-        "The NumPy runs must reproduce the torch curves (reported, not part of the verdict)."
-    )
+    rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
         "smoke": Config(seeds=(0,), steps=30, record_every=10),
         "quick": Config(seeds=(0, 1), steps=3000, record_every=100),
@@ -81,9 +83,10 @@ class CovariateShift(Experiment):
     }
 
     def protocol(self, cfg: Config) -> str:
+        momentum = "(no momentum)" if cfg.momentum == 0 else f"momentum {cfg.momentum}"
         return (
-            f"paper_mlp (784-100-100-100-10, sigmoid) with norm=bn vs none, batch "
-            f"{cfg.batch_size}, SGD lr {cfg.lr} (no momentum), {cfg.steps} steps, recorded "
+            f"{cfg.model} (784-100-100-100-10, sigmoid) with norm=bn vs none, batch "
+            f"{cfg.batch_size}, SGD lr {cfg.lr} {momentum}, {cfg.steps} steps, recorded "
             f"every {cfg.record_every} steps: test accuracy (10k images) and the "
             f"{'/'.join(map(str, PERCENTILES))}th percentiles of the input to sigmoid unit "
             f"{UNIT} of the last hidden layer over the first {PROBE_IMAGES} test images "
@@ -93,19 +96,19 @@ class CovariateShift(Experiment):
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
         return [
-            RunSpec({"norm": norm, "backend": backend}, seed, TrainConfig(
-                model="paper_mlp", norm=norm, dataset=dataset, steps=cfg.steps,
-                batch_size=cfg.batch_size, lr=cfg.lr, momentum=0.0,
-                eval_every=cfg.record_every, seed=seed,
+            RunSpec({"norm": norm, "backend": backend}, seed, train_config(
+                cfg, dataset, seed, norm=norm, eval_every=cfg.record_every,
             ), kind=f"percentiles-{backend}")
             for norm in ("none", "bn")
             for backend in BACKENDS
             for seed in cfg.seeds
         ]
 
-    def execute(self, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
-        metrics, summary = train_with_percentiles(spec.config, spec.group["backend"])
-        write_run_files(run_dir, metrics, summary)
+    def runners(self) -> dict[str, RunFunction]:
+        def run(backend: str) -> RunFunction:
+            return lambda spec, ctx: train_with_percentiles(spec.config, backend, ctx.data)
+
+        return {f"percentiles-{backend}": run(backend) for backend in BACKENDS}
 
     def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
         table = []
@@ -123,20 +126,19 @@ class CovariateShift(Experiment):
                 ))
         none = select(results, norm="none", backend="torch")
         bn = select(results, norm="bn", backend="torch")
-        diffs = [math.log2(drift(n) / drift(b)) if drift(b) > 0 else math.inf
-                 for n, b in zip(none, bn, strict=True)]
-        verdict, d, se = compare(diffs, THRESHOLD_LOG2)
+        decision = PAIRED.decide([math.log2(drift(n) / drift(b)) if drift(b) > 0 else math.inf
+                                  for n, b in zip(none, bn, strict=True)])
         agree = numpy_torch_agreement(results)
         headline = (
             f"Drift of the sigmoid input: no BN {fmt_ms([drift(r) for r in none], 1.0, '')} vs "
-            f"BN {fmt_ms([drift(r) for r in bn], 1.0, '')} ({2 ** d:.2f}× more without BN); "
+            f"BN {fmt_ms([drift(r) for r in bn], 1.0, '')} ({2 ** decision.mean:.2f}× more "
+            f"without BN); "
             f"NumPy core vs torch: accuracy curves within "
             f"{agree['max_acc_diff_pp']:.2f} points."
         )
-        return Analysis(verdict, headline, {
-            "log2_drift_ratio": d, "se_log2": se, "drift_ratio": 2 ** d,
-            "threshold_log2": THRESHOLD_LOG2, "seeds": len(diffs), **agree,
-        }, table, notes=[
+        return Analysis(decision.verdict, headline, PAIRED.effect(
+            decision, after={"drift_ratio": 2 ** decision.mean, **agree},
+        ), table, notes=[
             "Santurkar et al. (2018) argue that BN's benefit does not come from reducing "
             "internal covariate shift; this experiment only measures the shift itself.",
         ])
@@ -209,23 +211,22 @@ def numpy_torch_agreement(results: list[RunResult]) -> dict[str, float]:
 # --------------------------------------------------------------------------- the runs
 
 
-def train_with_percentiles(config: TrainConfig, backend: str) -> tuple[list[dict[str, Any]],
-                                                                        dict[str, Any]]:
-    """Train ``paper_mlp`` in ``backend`` ("torch" or "numpy"), recording test accuracy and
-    the sigmoid-input percentiles every ``config.eval_every`` steps (and at step 0).
+def train_with_percentiles(config: TrainConfig, backend: str,
+                           data: DatasetSplits) -> RunOutput:
+    """Train ``paper_mlp`` on ``data`` in ``backend`` ("torch" or "numpy"), recording test
+    accuracy and the sigmoid-input percentiles every ``config.eval_every`` steps (and at
+    step 0).
 
     Both backends start from the torch model built with ``config.seed`` and draw the same
     batch indices (``numpy.random.default_rng(config.seed)``, with replacement across
     batches, without within one).
     """
-
     from bnlab import __version__
     from bnlab.train import build
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     t0 = time.monotonic()
-    data = get_data(config.dataset)
     xtr = data.train.tensors[0].reshape(len(data.train), -1).numpy()
     ytr = data.train.tensors[1].numpy()
     xte = data.test.tensors[0].reshape(len(data.test), -1).numpy()
@@ -253,7 +254,7 @@ def train_with_percentiles(config: TrainConfig, backend: str) -> tuple[list[dict
         "wall_time_s": time.monotonic() - t0, "dataset_source": data.source,
         "config": asdict(config), "bnlab_version": __version__,
     }
-    return metrics, summary
+    return RunOutput(metrics, summary)
 
 
 def _record(net: Any, step: int, x: np.ndarray, y: np.ndarray, t0: float,

@@ -10,52 +10,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from bnlab.experiments.analysis import acc_row, final_acc, fmt_ms, paired_diffs_pp, select
 from bnlab.experiments.base import (
     Analysis,
     Experiment,
+    RunContext,
+    RunFunction,
+    RunOutput,
     RunResult,
     RunSpec,
-    acc_row,
-    compare,
-    final_acc,
-    fmt_ms,
-    get_data,
-    mean_std,
-    paired_diffs_pp,
-    pm,
-    select,
-    write_run_files,
+    TrainSettings,
+    train_config,
 )
+from bnlab.experiments.verdict import PairedClaim, mean_std
 from bnlab.train import TrainConfig
 
+if TYPE_CHECKING:
+    from bnlab.data import DatasetSplits
+
 DEPTHS = (2, 4, 8, 16, 32, 64, 100)
-THRESHOLD_PP = 10.0
 GRAD_BATCH = 256
+PAIRED = PairedClaim(
+    "Per seed, final test accuracy with BN minus without at the largest depth",
+    threshold=10.0,
+)
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    steps: int
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainSettings):
+    """``deep_mlp`` at each depth of ``depths``, ``width`` units per layer."""
+
+    model: str = "deep_mlp"
     depths: tuple[int, ...] = DEPTHS
     width: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 64
 
 
 class Depth(Experiment):
     name = "depth"
     claim = "Batch norm makes very deep networks (up to 100 layers) trainable."
     seeds = "000, 002"
-    rule = (
-        f"Per seed, final test accuracy with BN minus without at the largest depth. "
-        f"supported if the mean difference is at least {THRESHOLD_PP:g} percentage points "
-        f"and more than 2 standard errors above zero; not supported if mean + 2 SE is below "
-        f"{THRESHOLD_PP:g} points; inconclusive otherwise."
-    )
+    rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
         "smoke": Config(seeds=(0,), steps=10, depths=(2, 8), width=16),
         "quick": Config(seeds=(0, 1), steps=400),
@@ -64,7 +60,7 @@ class Depth(Experiment):
 
     def protocol(self, cfg: Config) -> str:
         return (
-            f"deep_mlp width {cfg.width}, depth in {list(cfg.depths)}, norm=bn vs none, SGD lr "
+            f"{cfg.model} width {cfg.width}, depth in {list(cfg.depths)}, norm=bn vs none, SGD lr "
             f"{cfg.lr} momentum {cfg.momentum}, batch {cfg.batch_size}, {cfg.steps} steps for "
             f"every depth, seeds {list(cfg.seeds)}; first-layer weight-gradient norm at init "
             f"on the first {GRAD_BATCH} training images."
@@ -72,24 +68,17 @@ class Depth(Experiment):
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
         return [
-            RunSpec({"norm": norm, "depth": depth}, seed, TrainConfig(
-                model="deep_mlp", norm=norm, dataset=dataset, steps=cfg.steps,
-                batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                eval_every=cfg.steps, seed=seed,
-                model_kwargs={"depth": depth, "width": cfg.width},
+            RunSpec({"norm": norm, "depth": depth}, seed, train_config(
+                cfg, dataset, seed, norm=norm, eval_every=cfg.steps,
+                model_kwargs={**cfg.model_kwargs, "depth": depth, "width": cfg.width},
             ), kind="train+grad")
             for norm in ("none", "bn")
             for depth in cfg.depths
             for seed in cfg.seeds
         ]
 
-    def execute(self, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
-        from bnlab.train import train
-
-        grad = first_layer_grad_norm(spec.config)
-        result = train(spec.config, out_dir=None, progress=progress,
-                       data=get_data(spec.config.dataset))
-        write_run_files(run_dir, result.metrics, result.summary, {"grad_norm_init": grad})
+    def runners(self) -> dict[str, RunFunction]:
+        return {"train+grad": train_with_init_grad}
 
     def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
         table = []
@@ -101,17 +90,15 @@ class Depth(Experiment):
         deepest = max(cfg.depths)
         bn = select(results, norm="bn", depth=deepest)
         none = select(results, norm="none", depth=deepest)
-        diffs = paired_diffs_pp(bn, none)
-        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        decision = PAIRED.decide(paired_diffs_pp(bn, none))
         headline = (
             f"At depth {deepest}: BN {fmt_ms([final_acc(r) for r in bn])} vs no BN "
             f"{fmt_ms([final_acc(r) for r in none])} test accuracy "
-            f"({pm(d, se, len(diffs), 1)} points)."
+            f"({decision.pm(1)} points)."
         )
-        return Analysis(verdict, headline, {
-            "depth": deepest, "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,
-            "seeds": len(diffs),
-        }, table, notes=[
+        return Analysis(decision.verdict, headline, PAIRED.effect(
+            decision, before={"depth": deepest},
+        ), table, notes=[
             "These are plain networks without skip connections. Mean-field analyses (Yang et "
             "al., 2019) predict that BN makes the gradients of such networks explode with "
             "depth at initialisation; the 'over 100 layers' networks the seeds have in mind "
@@ -125,7 +112,7 @@ class Depth(Experiment):
                   for n in ("bn", "none")}
         return [
             sweep_plot(out_dir / "depth_accuracy.png", cfg.depths, groups, "depth (layers)",
-                       f"deep_mlp: final accuracy vs depth ({cfg.steps} steps)"),
+                       f"{cfg.model}: final accuracy vs depth ({cfg.steps} steps)"),
             sweep_plot(out_dir / "depth_grad_norm.png", cfg.depths, groups, "depth (layers)",
                        "first-layer gradient norm at init",
                        value=lambda r: max(r.summary["grad_norm_init"], 1e-30),
@@ -138,7 +125,16 @@ def _sci(values: list[float]) -> str:
     return f"{m:.3g}" if n == 1 else f"{m:.3g} ± {s:.2g}"
 
 
-def first_layer_grad_norm(config: TrainConfig) -> float:
+def train_with_init_grad(spec: RunSpec, ctx: RunContext) -> RunOutput:
+    """The plain training run, its summary with ``grad_norm_init`` (measured first)."""
+    from bnlab.train import train
+
+    grad = first_layer_grad_norm(spec.config, ctx.data)
+    result = train(spec.config, out_dir=None, progress=ctx.progress, data=ctx.data)
+    return RunOutput(result.metrics, {**result.summary, "grad_norm_init": grad})
+
+
+def first_layer_grad_norm(config: TrainConfig, data: DatasetSplits) -> float:
     """‖∂loss/∂W‖ of the first Linear/Conv layer at init, on the first training images.
 
     The model is the one a training run of ``config`` starts from
@@ -150,7 +146,6 @@ def first_layer_grad_norm(config: TrainConfig) -> float:
 
     from bnlab.train import build
 
-    data = get_data(config.dataset)
     model = build(config, data.in_shape, data.num_classes)
     x, y = data.train.tensors[0][:GRAD_BATCH], data.train.tensors[1][:GRAD_BATCH]
     model.train()

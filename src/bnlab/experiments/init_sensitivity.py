@@ -9,53 +9,41 @@ sensitivity to the init. The effect is no-BN's range minus BN's range.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from bnlab.experiments.analysis import acc_row, eval_set_text, final_acc, fmt_ms, select
 from bnlab.experiments.base import (
     Analysis,
     Experiment,
     RunResult,
     RunSpec,
-    acc_row,
-    compare,
-    eval_set_text,
-    final_acc,
-    fmt_ms,
-    pm,
-    select,
+    TrainSettings,
     train_config,
 )
+from bnlab.experiments.verdict import PairedClaim
 
 SCALES = (0.01, 0.1, 1.0, 10.0)
-THRESHOLD_PP = 5.0
+PAIRED = PairedClaim(
+    "Per seed, sensitivity = max − min final test accuracy over the init scales (a diverged "
+    "run counts as chance); the difference is no-BN's sensitivity minus BN's",
+    threshold=5.0,
+)
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    steps: int
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainSettings):
+    """Every conv/linear weight × each of ``scales`` after the default init."""
+
     scales: tuple[float, ...] = SCALES
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 64
-    eval_subset: int | None = None
-    model: str = "seed_cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class InitSensitivity(Experiment):
     name = "init-sensitivity"
     claim = "Batch norm makes training much less sensitive to the weight initialisation."
     seeds = "001"
-    rule = (
-        f"Per seed, sensitivity = max − min final test accuracy over the init scales (a "
-        f"diverged run counts as chance). supported if no-BN's sensitivity minus BN's is at "
-        f"least {THRESHOLD_PP:g} percentage points and more than 2 standard errors above "
-        f"zero; not supported if mean + 2 SE is below {THRESHOLD_PP:g} points; inconclusive "
-        f"otherwise."
-    )
+    rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
         "smoke": Config(seeds=(0,), steps=10, scales=(0.1, 10.0), eval_subset=200),
         "quick": Config(seeds=(0,), steps=300, eval_subset=5000),
@@ -89,18 +77,17 @@ class InitSensitivity(Experiment):
         table = [acc_row({"norm": norm, "init_scale": s}, select(results, norm=norm, init_scale=s))
                  for norm in ("none", "bn") for s in cfg.scales]
         ranges = {n: [self._range(cfg, results, n, s) for s in cfg.seeds] for n in ("none", "bn")}
-        diffs = [100 * (a - b) for a, b in zip(ranges["none"], ranges["bn"], strict=True)]
-        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        decision = PAIRED.decide(
+            [100 * (a - b) for a, b in zip(ranges["none"], ranges["bn"], strict=True)])
         headline = (
             f"Accuracy range over init scales: BN {fmt_ms(ranges['bn'], unit='')} vs no BN "
-            f"{fmt_ms(ranges['none'], unit='')} points ({pm(d, se, len(diffs), 1)} points less "
+            f"{fmt_ms(ranges['none'], unit='')} points ({decision.pm(1)} points less "
             f"sensitive with BN)."
         )
-        return Analysis(verdict, headline, {
+        return Analysis(decision.verdict, headline, PAIRED.effect(decision, before={
             "range_bn_pp": 100 * sum(ranges["bn"]) / len(ranges["bn"]),
             "range_none_pp": 100 * sum(ranges["none"]) / len(ranges["none"]),
-            "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP, "seeds": len(diffs),
-        }, table)
+        }), table)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
         from bnlab.experiments.plots import sweep_plot

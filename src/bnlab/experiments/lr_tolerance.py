@@ -9,38 +9,31 @@ without diverging, for BN and for no BN.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from bnlab.experiments.analysis import acc_row, eval_set_text, final_acc, select
 from bnlab.experiments.base import (
     Analysis,
     Experiment,
     RunResult,
     RunSpec,
-    Verdict,
-    acc_row,
-    eval_set_text,
-    final_acc,
-    select,
+    TrainSettings,
     train_config,
 )
+from bnlab.experiments.verdict import Verdict
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 TARGET = 0.97
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    steps: int
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainSettings):
+    """Each run trains at one rate of ``lrs`` (the shared ``lr`` is not used)."""
+
     lrs: tuple[float, ...] = LRS
     target: float = TARGET
-    momentum: float = 0.9
-    batch_size: int = 64
-    eval_subset: int | None = None
-    model: str = "seed_cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class LrTolerance(Experiment):

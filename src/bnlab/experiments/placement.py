@@ -11,25 +11,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from bnlab.experiments.analysis import (
+    eval_set_text,
+    final_acc,
+    fmt_ms,
+    paired_diffs_pp,
+    select,
+    table_row,
+)
 from bnlab.experiments.base import (
     Analysis,
     CurveConfig,
     Experiment,
     RunResult,
     RunSpec,
-    compare,
-    eval_set_text,
-    final_acc,
-    fmt_ms,
-    paired_diffs_pp,
-    pm,
-    select,
-    table_row,
     train_config,
 )
+from bnlab.experiments.verdict import PairedClaim
 
-THRESHOLD_PP = 0.3
 PLACEMENTS = ("before", "after")
+PAIRED = PairedClaim(
+    "Per seed, final test accuracy with BN before the ReLU minus after it", threshold=0.3,
+    note="Not supported means: after is as good or better.",
+)
 
 
 Config = CurveConfig
@@ -39,12 +43,7 @@ class Placement(Experiment):
     name = "placement"
     claim = "BN placed before the activation (the usual default) trains better than after it."
     seeds = "002, 003"
-    rule = (
-        f"Per seed, final test accuracy with BN before the ReLU minus after it. supported if "
-        f"the mean is at least {THRESHOLD_PP:g} percentage point and more than 2 standard "
-        f"errors above zero; not supported if mean + 2 SE is below {THRESHOLD_PP:g} (after "
-        f"is as good or better); inconclusive otherwise."
-    )
+    rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
         "smoke": Config(seeds=(0,), steps=10, eval_every=5, eval_subset=200),
         "quick": Config(seeds=(0, 1), steps=300, eval_every=100, eval_subset=5000),
@@ -76,16 +75,13 @@ class Placement(Experiment):
             for pl in PLACEMENTS
         ]
         before, after = select(results, placement="before"), select(results, placement="after")
-        diffs = paired_diffs_pp(before, after)
-        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        decision = PAIRED.decide(paired_diffs_pp(before, after))
         headline = (
             f"Final test accuracy: before {fmt_ms([final_acc(r) for r in before])}, after "
             f"{fmt_ms([final_acc(r) for r in after])} "
-            f"({pm(d, se, len(diffs), 2)} points for before)."
+            f"({decision.pm(2)} points for before)."
         )
-        return Analysis(verdict, headline, {
-            "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP, "seeds": len(diffs),
-        }, table)
+        return Analysis(decision.verdict, headline, PAIRED.effect(decision), table)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
         from bnlab.experiments.plots import curves_plot

@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.experiments.base import RunResult, acc_curve, final_acc, mean_std
+from bnlab.experiments.analysis import acc_curve, final_acc
+from bnlab.experiments.base import RunResult
+from bnlab.experiments.verdict import mean_std
 
 COLORS = {"bn": "tab:blue", "none": "tab:red", "gn": "tab:green", "ln": "tab:purple",
           "renorm": "tab:orange", "ghost": "tab:brown", "frozen": "tab:gray"}
@@ -35,16 +37,16 @@ def save(fig: Any, path: Path) -> str:
     return path.name
 
 
-def _band(ax: Any, curves: list[tuple[list[int], list[float]]], label: str,
-          color: str | None) -> None:
+def _band(ax: Any, runs: list[RunResult], label: str, color: str | None) -> None:
     """Mean over seeds as a line, min–max over seeds as a band (runs share eval steps;
     a run that stopped early, diverged, is padded with chance accuracy)."""
+    curves = [acc_curve(r) for r in runs]
     if not curves:
         return
     steps = max((c[0] for c in curves), key=len)
     if not steps:
         return
-    ys = np.full((len(curves), len(steps)), 0.1)
+    ys = np.full((len(curves), len(steps)), runs[0].chance)
     for i, (_, acc) in enumerate(curves):
         ys[i, : len(acc)] = acc[: len(steps)]
     ys *= 100
@@ -60,7 +62,7 @@ def curves_plot(path: Path, groups: dict[str, list[RunResult]], title: str,
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, runs in groups.items():
-        _band(ax, [acc_curve(r) for r in runs], label, (colors or {}).get(label))
+        _band(ax, runs, label, (colors or {}).get(label))
     ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

@@ -9,42 +9,42 @@ regulariser BN is compared to). Metric: the generalisation gap, final training a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from bnlab.experiments.analysis import (
+    eval_set_text,
+    final_acc,
+    fmt_ms,
+    paired_diffs_pp,
+    select,
+    table_row,
+)
 from bnlab.experiments.base import (
     Analysis,
     Experiment,
     RunResult,
     RunSpec,
-    compare,
-    eval_set_text,
-    final_acc,
-    fmt_ms,
-    paired_diffs_pp,
-    pm,
-    select,
-    table_row,
+    TrainSettings,
     train_config,
 )
+from bnlab.experiments.verdict import PairedClaim
 
-THRESHOLD_PP = 0.5
 DROPOUTS = (0.0, 0.5)
+PAIRED = PairedClaim(
+    "Per seed, without dropout: generalisation gap (train − test accuracy) without BN "
+    "minus with BN", threshold=0.5, key="gap_diff_pp",
+    note="Dropout runs are shown for scale.",
+)
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    steps: int
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainSettings):
+    """The first ``train_subset`` training images, each dropout rate of ``dropouts``."""
+
     train_subset: int = 5000
     dropouts: tuple[float, ...] = DROPOUTS
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 64
-    eval_subset: int | None = None
-    model: str = "seed_cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def train_acc(r: RunResult) -> float:
@@ -52,7 +52,7 @@ def train_acc(r: RunResult) -> float:
     for m in reversed(r.metrics):
         if m.get("train_acc") is not None:
             v = float(m["train_acc"])
-            return v if math.isfinite(v) else 0.1
+            return v if math.isfinite(v) else r.chance
     last = r.summary.get("train_acc")
     return float(last) if last is not None else math.nan
 
@@ -65,12 +65,7 @@ class Regularization(Experiment):
     name = "regularization"
     claim = "Batch norm has a regularising effect: it reduces overfitting."
     seeds = "000, 001"
-    rule = (
-        f"Per seed, without dropout: generalisation gap (train − test accuracy) without BN "
-        f"minus with BN. supported if the mean is at least {THRESHOLD_PP:g} percentage "
-        f"point and more than 2 standard errors above zero; not supported if mean + 2 SE is "
-        f"below {THRESHOLD_PP:g}; inconclusive otherwise. Dropout runs are shown for scale."
-    )
+    rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
         "smoke": Config(seeds=(0,), steps=10, train_subset=200, eval_subset=200),
         "quick": Config(seeds=(0,), steps=800, eval_subset=5000),
@@ -112,16 +107,13 @@ class Regularization(Experiment):
                 ))
         none = select(results, norm="none", dropout=0.0)
         bn = select(results, norm="bn", dropout=0.0)
-        diffs = paired_diffs_pp(none, bn, gap)
-        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        decision = PAIRED.decide(paired_diffs_pp(none, bn, gap))
         headline = (
             f"Train − test gap without dropout: BN {fmt_ms([gap(r) for r in bn], unit='')} vs "
-            f"no BN {fmt_ms([gap(r) for r in none], unit='')} points ({pm(d, se, len(diffs), 2)} "
+            f"no BN {fmt_ms([gap(r) for r in none], unit='')} points ({decision.pm(2)} "
             f"smaller with BN)."
         )
-        return Analysis(verdict, headline, {
-            "gap_diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP, "seeds": len(diffs),
-        }, table)
+        return Analysis(decision.verdict, headline, PAIRED.effect(decision), table)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
         from bnlab.experiments.plots import _pyplot, save

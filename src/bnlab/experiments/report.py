@@ -5,46 +5,20 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from bnlab._io import atomic_write_bytes, atomic_write_text
-from bnlab.errors import BnlabError
 from bnlab.experiments import experiment_names
+from bnlab.experiments.store import read_results
 
 VERDICT_COLORS = {"supported": "#1a7f37", "not supported": "#cf222e", "inconclusive": "#9a6700"}
 
 
 def load_results(folder: str | Path) -> list[dict[str, Any]]:
     """Every ``NAME/result.json`` under ``folder``, in the lab's order."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise BnlabError(f"{root} is not a folder; expected the --out folder of "
-                         f"'bnlab experiment'")
-    results = []
-    for name in experiment_names():
-        path = root / name / "result.json"
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BnlabError(
-                f"corrupted result file {path} ({exc}); rerun 'bnlab experiment run {name} "
-                f"--out {root}' to recompute it"
-            ) from None
-        if not isinstance(data, dict) or not {"verdict", "claim", "table"} <= set(data):
-            raise BnlabError(f"corrupted result file {path}: not an experiment result; rerun "
-                             f"'bnlab experiment run {name} --out {root}'")
-        results.append(data)
-    if not results:
-        raise BnlabError(
-            f"no experiment results in {root} (no NAME/result.json for any of: "
-            f"{', '.join(experiment_names())}); run 'bnlab experiment all --out {root}' first"
-        )
-    return results
+    return read_results(folder, experiment_names())
 
 
 def _fmt(v: Any) -> str:

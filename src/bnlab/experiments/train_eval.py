@@ -11,55 +11,46 @@ momentum 0, so the trained model and its running statistics are never changed.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from bnlab.experiments.analysis import eval_set_text, fmt_ms, select, table_row
 from bnlab.experiments.base import (
     Analysis,
     Experiment,
+    RunContext,
+    RunFunction,
+    RunOutput,
     RunResult,
     RunSpec,
-    compare,
-    fmt_ms,
-    get_data,
-    pm,
-    select,
-    table_row,
+    TrainSettings,
     train_config,
-    write_run_files,
 )
+from bnlab.experiments.verdict import PairedClaim
 
 MOMENTA: tuple[float | None, ...] = (0.01, 0.1, 0.5, None)
 EVAL_BATCHES = (1000, 32, 8, 2)
-THRESHOLD_PP = 1.0
+PAIRED = PairedClaim(
+    "Per seed, with the default BN momentum 0.1: test accuracy with running statistics "
+    "minus accuracy with batch statistics at the smallest eval batch", threshold=1.0,
+)
 
 
-@dataclass(frozen=True)
-class Config:
-    seeds: tuple[int, ...]
-    steps: int
-    eval_subset: int
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainSettings):
+    """BN momentum in ``momenta``; then eval with running statistics and with the batch's
+    own at each size of ``eval_batches``, on the ``eval_subset`` test images."""
+
     momenta: tuple[float | None, ...] = MOMENTA
     eval_batches: tuple[int, ...] = EVAL_BATCHES
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 64
-    model: str = "seed_cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class TrainEval(Experiment):
     name = "train-eval"
     claim = "At inference, BN must use its running statistics rather than batch statistics."
     seeds = "001, 003"
-    rule = (
-        f"Per seed, with the default BN momentum 0.1: test accuracy with running statistics "
-        f"minus accuracy with batch statistics at the smallest eval batch. supported if the "
-        f"mean is at least {THRESHOLD_PP:g} percentage point and more than 2 standard errors "
-        f"above zero; not supported if mean + 2 SE is below {THRESHOLD_PP:g}; inconclusive "
-        f"otherwise."
-    )
+    rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
         "smoke": Config(seeds=(0,), steps=10, eval_subset=200, momenta=(0.1, None),
                         eval_batches=(100, 2)),
@@ -71,7 +62,7 @@ class TrainEval(Experiment):
         return (
             f"{cfg.model} with norm=bn, BN momentum in {list(cfg.momenta)}, SGD lr {cfg.lr} "
             f"momentum {cfg.momentum}, batch {cfg.batch_size}, {cfg.steps} steps, seeds "
-            f"{list(cfg.seeds)}; then accuracy on the first {cfg.eval_subset} test images "
+            f"{list(cfg.seeds)}; then accuracy on {eval_set_text(cfg.eval_subset)} "
             f"with running statistics and with batch statistics at eval batch sizes "
             f"{list(cfg.eval_batches)}."
         )
@@ -86,18 +77,8 @@ class TrainEval(Experiment):
             for seed in cfg.seeds
         ]
 
-    def execute(self, spec: RunSpec, run_dir: Path, progress: bool | None) -> None:
-        from bnlab.train import train
-
-        data = get_data(spec.config.dataset)
-        result = train(spec.config, out_dir=None, progress=progress, data=data)
-        test = data.test
-        n = spec.params["eval_subset"]
-        x, y = test.tensors[0][:n], test.tensors[1][:n]
-        evals = {"running": accuracy(result.model, x, y, 1000, batch_stats=False)}
-        for b in spec.params["eval_batches"]:
-            evals[f"batch_{b}"] = accuracy(result.model, x, y, b, batch_stats=True)
-        write_run_files(run_dir, result.metrics, result.summary, {"eval_variants": evals})
+    def runners(self) -> dict[str, RunFunction]:
+        return {"train+eval-variants": train_then_eval_variants}
 
     def analyse(self, cfg: Config, results: list[RunResult]) -> Analysis:
         table = []
@@ -110,20 +91,19 @@ class TrainEval(Experiment):
             table.append(table_row({"bn_momentum": m}, **cols, seeds=len(rs)))
         small = f"batch_{min(cfg.eval_batches)}"
         rs = select(results, bn_momentum=0.1)
-        diffs = [100 * (r.summary["eval_variants"]["running"] - r.summary["eval_variants"][small])
-                 for r in rs]
-        verdict, d, se = compare(diffs, THRESHOLD_PP)
+        decision = PAIRED.decide([
+            100 * (r.summary["eval_variants"]["running"] - r.summary["eval_variants"][small])
+            for r in rs])
         headline = (
             f"Momentum 0.1: running statistics "
             f"{fmt_ms([r.summary['eval_variants']['running'] for r in rs])} vs batch statistics "
             f"of {min(cfg.eval_batches)} images "
             f"{fmt_ms([r.summary['eval_variants'][small] for r in rs])} "
-            f"({pm(d, se, len(diffs), 1)} points)."
+            f"({decision.pm(1)} points)."
         )
-        return Analysis(verdict, headline, {
-            "diff_pp": d, "se_pp": se, "threshold_pp": THRESHOLD_PP,
-            "smallest_eval_batch": min(cfg.eval_batches), "seeds": len(diffs),
-        }, table)
+        return Analysis(decision.verdict, headline, PAIRED.effect(
+            decision, after={"smallest_eval_batch": min(cfg.eval_batches)},
+        ), table)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
         from bnlab.experiments.plots import _pyplot, save
@@ -146,6 +126,20 @@ class TrainEval(Experiment):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
         return [save(fig, out_dir / "train_eval.png")]
+
+
+def train_then_eval_variants(spec: RunSpec, ctx: RunContext) -> RunOutput:
+    """Train, then the summary's ``eval_variants``: test accuracy with the running
+    statistics and with batch statistics at each of ``spec.params["eval_batches"]``."""
+    from bnlab.train import train
+
+    result = train(spec.config, out_dir=None, progress=ctx.progress, data=ctx.data)
+    n = spec.params["eval_subset"]
+    x, y = ctx.data.test.tensors[0][:n], ctx.data.test.tensors[1][:n]
+    evals = {"running": accuracy(result.model, x, y, 1000, batch_stats=False)}
+    for b in spec.params["eval_batches"]:
+        evals[f"batch_{b}"] = accuracy(result.model, x, y, b, batch_stats=True)
+    return RunOutput(result.metrics, {**result.summary, "eval_variants": evals})
 
 
 def accuracy(model: Any, x: Any, y: Any, batch: int, *, batch_stats: bool) -> float:
