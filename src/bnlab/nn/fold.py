@@ -153,6 +153,11 @@ def _fold_graph(model: nn.Module, report: RewriteReport, renamed: dict[str, str]
         owner = str(n.target).rpartition(".")[0] if n.op == "get_attr" else None
         if owner is not None and owner in modules:
             calls[id(modules[owner])] += 1
+    called = {id(modules[str(n.target)]) for n in gm.graph.nodes if n.op == "call_module"}
+    for name, m in model.named_modules():
+        if is_batchnorm(m) and id(m) not in called and id(m) not in skip:
+            report.add(_bn_name(name, renamed), "removed", "the traced eval forward never "
+                       "calls it (a training-only branch?): it goes with that branch")
     folded_count = 0
     unfolded: list[tuple[fx.Node, str]] = []
     for node in list(gm.graph.nodes):
@@ -167,9 +172,8 @@ def _fold_graph(model: nn.Module, report: RewriteReport, renamed: dict[str, str]
             unfolded.append((node, "it is called with more than one argument"))
             continue
         if not isinstance(src, fx.Node) or src.op != "call_module":
-            what = src.op if isinstance(src, fx.Node) else "a constant"
-            detail = f"{what} {src.target}" if isinstance(src, fx.Node) else what
-            unfolded.append((node, f"no Conv/Linear directly before it (its input is {detail})"))
+            unfolded.append((node, f"no Conv/Linear directly before it (its input is "
+                                   f"{_describe(src)})"))
             continue
         layer = modules[str(src.target)]
         problem = _fold_problem(layer, bn)
@@ -212,6 +216,16 @@ def _fold_graph(model: nn.Module, report: RewriteReport, renamed: dict[str, str]
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, folded_count
+
+
+def _describe(src: Any) -> str:
+    """What feeds a BN node, in words."""
+    if not isinstance(src, fx.Node):
+        return "a constant"
+    if src.op == "placeholder":
+        return "the model's input"
+    name = getattr(src.target, "__name__", str(src.target))
+    return f"{src.op} {name}"
 
 
 def _affine_layer(bn: nn.Module) -> nn.Module:
@@ -304,9 +318,10 @@ def fold_bn(model: nn.Module, *, report: bool = False) -> Any:
     ``fx.GraphModule``) in eval mode, with ``folded_pairs`` set to the number of pairs
     folded. With ``report=True`` the return value is ``(folded_model, RewriteReport)``:
     every BN layer, ``"folded"`` (into which conv), ``"affine"`` (and why it could not be
-    folded) or ``"left"`` (and why). A ``Linear`` → ``BatchNorm1d`` pair is folded on the
-    assumption that the BN normalises the Linear's output features, i.e. 2-D (N, C)
-    activations, the usual case.
+    folded), ``"left"`` (and why) or ``"removed"`` (the eval forward never calls it: a
+    branch used only in training, which fx's eval trace drops; the result is for
+    inference). A ``Linear`` → ``BatchNorm1d`` pair is folded on the assumption that the
+    BN normalises the Linear's output features, i.e. 2-D (N, C) activations, the usual case.
 
     Example::
 
