@@ -97,7 +97,7 @@ def fold_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str]) -
 
     model, config = load_checkpoint(path)
     in_shape, num_classes = _shape_of(path)
-    folded = fold_bn(model)
+    folded, report = fold_bn(model, report=True)
     x = torch.randn(8, *in_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = float((folded(x) - model(x)).abs().max())
@@ -112,10 +112,21 @@ def fold_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str]) -
     with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     pairs = getattr(folded, "folded_pairs", 0)
+    others = len(report.entries) - pairs
+    unfolded = f" ({others} other BN layer(s): {_actions(report)})" if others else ""
     return (
-        f"folded {pairs} Conv/Linear+BN pair(s) of {path} ({config.model}, norm={config.norm}); "
-        f"max |folded - original| on a random batch {diff:.2e}; wrote {out}"
+        f"folded {pairs} Conv/Linear+BN pair(s) of {path} ({config.model}, norm={config.norm})"
+        f"{unfolded}; max |folded - original| on a random batch {diff:.2e}; wrote {out}"
     )
+
+
+def _actions(report: Any) -> str:
+    """'2 affine, 1 left' for the entries of a fold report that were not folded."""
+    counts: dict[str, int] = {}
+    for entry in report.entries:
+        if entry.action != "folded":
+            counts[entry.action] = counts.get(entry.action, 0) + 1
+    return ", ".join(f"{n} {action}" for action, n in counts.items())
 
 
 def _config_dict(config: TrainConfig) -> dict[str, Any]:

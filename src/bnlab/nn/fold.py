@@ -356,6 +356,8 @@ def fold_bn(model: nn.Module, *, report: bool = False) -> Any:
             renamed, skip = _unfuse(work, RewriteReport("fold_bn"))
         count = _fold_sequentials(work, rep, renamed, skip)
         result = work
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    rep.entries.sort(key=lambda e: order.get(e.layer, len(order)))
     result.eval()
     result.folded_pairs = count  # type: ignore[assignment]
     return (result, rep) if report else result
