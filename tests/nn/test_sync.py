@@ -119,6 +119,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                     results[case] = _run_case(rank, torch_cls, spatial, sizes, kwargs, seed,
                                               counts)
                     dist.barrier()
+        for shape_id, torch_cls, spatial in SHAPES:
+            for sizes in SPLITS[:3]:
+                seed = 5000 + sizes[0] * 10 + sizes[1]
+                results[f"second-{shape_id}-{sizes[0]}_{sizes[1]}"] = _run_second_order_case(
+                    rank, torch_cls, spatial, sizes, seed)
+                dist.barrier()
         # Eval mode with running statistics never communicates.
         bn, _ = _make_pair(nn.BatchNorm2d, {}, 7)
         bn.eval()
@@ -177,6 +183,71 @@ def _run_case(
     return diffs
 
 
+def _penalty_grads(
+    bn: nn.Module, x: torch.Tensor, dy: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """First derivatives of <dy, bn(x)> (create_graph), then the derivatives of a penalty on
+    them with respect to x, weight and dy: what a gradient penalty or MAML computes."""
+    gx, gw = torch.autograd.grad((bn(x) * dy).sum(), (x, bn.weight), create_graph=True)
+    penalty = (gx * v).sum() + (gw * gw).sum() / 2  # gw is this rank's share of dγ
+    gxx, gww, gdy = torch.autograd.grad(penalty, (x, bn.weight, dy))
+    return gx, gw, gxx, gww, gdy
+
+
+def _run_second_order_case(
+    rank: int, torch_cls: type[nn.Module], spatial: tuple[int, ...], sizes: tuple[int, int],
+    seed: int,
+) -> dict[str, float]:
+    """Double backward and forward-mode AD over 2 ranks against torch BN on the whole batch.
+
+    The penalty on dγ uses each rank's share: Σ_r |gw_r|²/2 is not |Σ_r gw_r|²/2, so the
+    reference penalises the same per-rank shares, computed from the slices of its dγ terms
+    (gw_r = Σ over rank r's rows of dy·x̂)."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.distributed as dist
+
+    ours, ref = _make_pair(torch_cls, {}, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    n = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x_all = torch.randn(n, C, *spatial, generator=g, dtype=torch.float64) * 3 + 2
+    dy_all = torch.randn(n, C, *spatial, generator=g, dtype=torch.float64)
+    v_all = torch.randn(n, C, *spatial, generator=g, dtype=torch.float64)
+    t_all = torch.randn(n, C, *spatial, generator=g, dtype=torch.float64)
+
+    x = x_all[lo:hi].clone().requires_grad_()
+    dy = dy_all[lo:hi].clone().requires_grad_()
+    mine = _penalty_grads(ours, x, dy, v_all[lo:hi])
+
+    # Reference: one process, the whole batch; the per-rank dγ shares from x̂ on the slices.
+    xr, dyr = x_all.clone().requires_grad_(), dy_all.clone().requires_grad_()
+    gx, = torch.autograd.grad((ref(xr) * dyr).sum(), xr, create_graph=True)
+    shape = (1, C, *([1] * len(spatial)))
+    y_hat = (ref(xr) - ref.bias.view(shape)) / ref.weight.view(shape)
+    dims = [0, *range(2, xr.dim())]
+    shares = [(dyr * y_hat)[a:b].sum(dims) for a, b in ((0, sizes[0]), (sizes[0], n))]
+    penalty = (gx * v_all).sum() + sum((s * s).sum() for s in shares) / 2
+    gxx, gww, gdy = torch.autograd.grad(penalty, (xr, ref.weight, dyr))
+    theirs = (gx[lo:hi], shares[rank], gxx[lo:hi], gww, gdy[lo:hi])
+
+    diffs: dict[str, float] = {}
+    for name, a, b in zip(("first_x", "first_weight", "second_x", "second_weight",
+                           "second_dy"), mine, theirs, strict=True):
+        if name == "second_weight":
+            a = a.clone()
+            dist.all_reduce(a)  # parameter gradients summed over ranks
+        diffs[name] = _max_diff(a, b)
+    # Forward mode: the tangent of the output, against torch.func.jvp on the whole batch.
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(ours(fwAD.make_dual(x_all[lo:hi], t_all[lo:hi]))).tangent
+    w, b = ref.weight.detach(), ref.bias.detach()
+    _, expected = torch.func.jvp(
+        lambda z: torch.nn.functional.batch_norm(z, None, None, w, b, True, 0.0, ref.eps),
+        (x_all,), (t_all,))
+    diffs["jvp"] = _max_diff(tangent, expected[lo:hi])
+    return diffs
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -205,9 +276,13 @@ def test_two_gloo_ranks_equal_batchnorm_on_concatenated_batch(tmp_path: Path) ->
     expected = {
         f"{s}-{a}_{b}-{o}" for s, _, _ in SHAPES for a, b in SPLITS for o, _ in OPTIONS
     }
+    second = {f"second-{s}-{a}_{b}" for s, _, _ in SHAPES for a, b in SPLITS[:3]}
     for r, path in enumerate(outs):
         results = json.loads(path.read_text())
-        assert set(results) == expected | {"eval"}
+        assert set(results) == expected | second | {"eval"}
+        for case in sorted(second):  # double backward and forward mode across the ranks
+            for key, value in results[case].items():
+                assert value <= TOL, f"rank {r} {case} {key}: max |diff| {value:.3g}"
         assert results["eval"] == {"collectives": 0.0}, "eval mode must not communicate"
         for case in sorted(expected):
             diffs = results[case]
@@ -298,7 +373,7 @@ def test_empty_batch_like_torch() -> None:
 
 @pytest.mark.parametrize(
     ("shape", "match"),
-    [((C,), "at least 2 dimensions"), ((4, C + 1, 2), f"expects {C} channels")],
+    [((C,), "at least 2 dimensions"), ((4, C + 1, 2), f"expected {C} channels")],
     ids=["rank1", "channels"],
 )
 def test_bad_input_names_the_problem(shape: tuple[int, ...], match: str) -> None:

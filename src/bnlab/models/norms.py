@@ -5,8 +5,9 @@ inputs with channels on axis 1: ``dim=1`` for (N, C) or (N, C, L), ``dim=2`` for
 (N, C, H, W), ``dim=3`` for (N, C, D, H, W). ``kwargs`` are the norm's own options
 (``momentum``, ``virtual_batch_size`` …), passed through from ``TrainConfig.norm_kwargs``.
 
-Built in: ``none`` (identity), ``bn`` (torch's BatchNorm1d/2d/3d), ``gn`` (GroupNorm) and
-``ln`` (layer norm). The toolkit's modules (``bnlab.nn``) register under their own names.
+Built in: ``none`` (identity), every batch-norm kind of :data:`bnlab.nn.kinds.BN_KINDS`
+(``bn``: torch's BatchNorm1d/2d/3d, and bnlab's ``renorm``, ``ghost``, ``frozen``,
+``sync``), ``gn`` (GroupNorm) and ``ln`` (layer norm).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from bnlab.errors import BnlabError
+from bnlab.nn.kinds import BN_KINDS
 
 NormFactory = Callable[..., nn.Module]
 
@@ -65,17 +67,13 @@ def make_norm(name: str, num_features: int, dim: int, **kwargs: Any) -> nn.Modul
     return norm_spec(name).factory(num_features, dim, **kwargs)
 
 
-_TORCH_BN: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-
-
 @register_norm("none", "no normalisation (identity)")
 def _none(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
     return nn.Identity()
 
 
-@register_norm("bn", "torch.nn.BatchNorm1d/2d/3d")
-def _bn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
-    return _TORCH_BN[dim](num_features, **kwargs)
+for _kind in BN_KINDS.values():  # every batch-norm kind, from the one table of kinds
+    register_norm(_kind.name, _kind.description)(_kind.build)
 
 
 @register_norm("gn", "torch.nn.GroupNorm, 32 groups (or fewer, dividing the channels)")
@@ -93,31 +91,3 @@ def _ln(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
     # GroupNorm with one group normalises each sample over (C, *spatial), which is layer
     # norm with a per-channel (not per-element) affine, and needs no spatial size upfront.
     return nn.GroupNorm(1, num_features, **kwargs)
-
-
-# --------------------------------------------------------------- toolkit (bnlab.nn, issue 5)
-
-
-@register_norm("renorm", "Batch Renorm (Ioffe 2017): bnlab.nn.BatchRenorm1d/2d/3d")
-def _renorm(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
-    from bnlab.nn import renorm
-
-    cls = {1: renorm.BatchRenorm1d, 2: renorm.BatchRenorm2d, 3: renorm.BatchRenorm3d}[dim]
-    return cls(num_features, **kwargs)
-
-
-@register_norm(
-    "ghost", "Ghost BN (Hoffer 2017): bnlab.nn.GhostBatchNorm1d/2d/3d, virtual batch 32"
-)
-def _ghost(num_features: int, dim: int, virtual_batch_size: int = 32, **kwargs: Any) -> nn.Module:
-    from bnlab.nn import ghost
-
-    cls = {1: ghost.GhostBatchNorm1d, 2: ghost.GhostBatchNorm2d, 3: ghost.GhostBatchNorm3d}[dim]
-    return cls(num_features, virtual_batch_size, **kwargs)
-
-
-@register_norm("frozen", "frozen BN (fixed affine map): bnlab.nn.FrozenBatchNorm1d/2d/3d")
-def _frozen(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
-    from bnlab.nn import frozen
-
-    return frozen.FROZEN[dim](num_features, **kwargs)

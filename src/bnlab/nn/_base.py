@@ -1,12 +1,33 @@
-"""Shared machinery of bnlab's batch-norm modules: state, input checks and guarded statistics.
+"""The batch-norm family: what every bnlab BN module shares, written once.
 
-Every module here keeps torch's BatchNorm state exactly (``weight``, ``bias`` as parameters;
+Free functions that every module calls (``BatchRenorm*``, ``GhostBatchNorm*``,
+``FrozenBatchNorm*``, ``SyncBatchNorm``):
+
+* :func:`check_options`: the constructor checks (C a positive int, eps > 0, momentum in
+  [0, 1] or None), a ``ValueError`` naming the argument;
+* :func:`check_input`: the input checks (a tensor, an accepted rank, C channels on axis 1);
+* :func:`accumulation_dtype`: statistics of float16/bfloat16 inputs are accumulated in
+  float32, as torch's BN kernels do;
+* :func:`update_running_stats`: PyTorch's momentum convention, ``new = (1 − m)·old +
+  m·batch`` with ``m = momentum`` (``1/num_batches_tracked`` when momentum is None). It is
+  called after every check of a training forward has passed, so an error never leaves
+  ``num_batches_tracked`` advanced.
+
+State is torch's BatchNorm state exactly (``weight``, ``bias`` as parameters;
 ``running_mean``, ``running_var``, ``num_batches_tracked`` as buffers), so a checkpoint of
 ``torch.nn.BatchNorm2d`` loads into ``BatchRenorm2d`` / ``GhostBatchNorm2d`` unchanged and
-back. One implementation serves every rank: statistics reduce over every axis except 1, and
-the 1d/2d/3d classes only differ in the input ranks they accept.
+back. ``BatchRenorm*``, ``GhostBatchNorm*`` and ``SyncBatchNorm`` subclass torch's
+``_BatchNorm``, so ``isinstance(m, nn.modules.batchnorm._BatchNorm)``,
+``reset_running_stats()``, ``torch.optim.swa_utils.update_bn`` and torch's loading of old
+checkpoints without ``num_batches_tracked`` all treat them as torch's BatchNorm. Like
+torch's, they normalise with the batch statistics in training and, in eval, with the
+running statistics whenever the buffers exist (``track_running_stats`` only decides whether
+training updates them). ``FrozenBatchNorm*`` does not subclass ``_BatchNorm``: it has no
+parameters and no batch statistics, and ``update_bn`` would reset its statistics to 0 and 1
+and never learn them back.
 
-Two guards protect the running statistics (torch has neither):
+Two guards of ``BatchRenorm*`` and ``GhostBatchNorm*`` protect the running statistics
+(torch has neither):
 
 * ``skip_nonfinite=True`` (default): when a training batch's mean or variance is not finite
   (a NaN/Inf in the input), the running-stat update of that step is skipped and a
@@ -29,6 +50,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 SMALL_BATCH_POLICIES = ("error", "skip")
 
@@ -64,29 +86,125 @@ def is_finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def check_num_features_and_eps(num_features: int, eps: float) -> None:
-    """The constructor checks every bnlab BN module shares: C a positive int, eps > 0."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float32 for float16/bfloat16, else ``dtype``.
+
+    torch's BN kernels keep the statistics of half-precision inputs in float32 (and take
+    float32 parameters with them, as under autocast); the elementwise passes stay in the
+    input's dtype.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_options(num_features: int, eps: float, momentum: float | None = None) -> None:
+    """The constructor checks of every bnlab BN module: C > 0 an int, eps > 0, momentum."""
     if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if not eps > 0:
+    if not eps > 0:  # also refuses NaN
         raise ValueError(f"eps must be > 0, got {eps!r}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None (cumulative), got {momentum!r}")
 
 
-class GuardedBatchNorm(nn.Module):
-    """Base of ``BatchRenorm*`` and ``GhostBatchNorm*``: torch's BatchNorm state plus guards.
+def check_input(module: Any, x: Any, ranks: tuple[int, ...], shape_text: str) -> None:
+    """The input checks of every bnlab BN module (``ranks`` empty: any rank >= 2).
 
-    Subclasses implement :meth:`_train_forward`; eval (with running statistics) is torch's own
+    Raises TypeError for a non-tensor and ValueError for a wrong rank or channel count,
+    naming the layer's class, the expected shape and the shape it got.
+    """
+    name = type(module).__name__
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expected a torch.Tensor, got {type(x)!r}")
+    if ranks and x.dim() not in ranks:
+        raise ValueError(
+            f"{name} expected input of shape {shape_text} "
+            f"({' or '.join(f'{r}-D' for r in ranks)}), got {x.dim()}-D input of "
+            f"shape {tuple(x.shape)}"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} expected input of shape {shape_text} with a channel axis 1 (at least "
+            f"2 dimensions), got {x.dim()}-D input of shape {tuple(x.shape)}"
+        )
+    num_features = int(module.num_features)
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"{name}({num_features}) expected {num_features} channels on axis 1, got input "
+            f"of shape {tuple(x.shape)}"
+        )
+
+
+def check_training_eps(module: Any) -> None:
+    """torch's training-time check: batch statistics need ``eps > 0`` (an ``eps`` changed
+    after construction is caught here; eval with running statistics accepts eps = 0)."""
+    eps = module.eps
+    if not eps > 0:
+        raise ValueError(
+            f"{type(module).__name__}: eps must be > 0 in training (batch statistics), got "
+            f"{eps!r}"
+        )
+
+
+def tracks_running_stats(module: nn.Module) -> bool:
+    """True when a training forward of ``module`` updates its running statistics (torch's
+    rule: ``track_running_stats`` on and the buffers present)."""
+    return bool(getattr(module, "track_running_stats", False)) and all(
+        getattr(module, key, None) is not None
+        for key in ("running_mean", "running_var", "num_batches_tracked")
+    )
+
+
+@torch.no_grad()
+def update_running_stats(module: Any, stats: tuple[Tensor, Tensor] | None) -> bool:
+    """One training step's update of ``module``'s running statistics, torch's convention::
+
+        num_batches_tracked ← num_batches_tracked + 1
+        m = momentum   (1 / num_batches_tracked when momentum is None: a cumulative average)
+        running_mean ← (1 − m)·running_mean + m·mean
+        running_var  ← (1 − m)·running_var  + m·var_unbiased
+
+    ``stats`` is ``(mean, var_unbiased)`` of the batch (the variance with Bessel's
+    correction, as torch stores it), or None for an empty batch: torch then counts the batch
+    and leaves both statistics unchanged. The blend runs in the wider of the buffers' and the
+    statistics' dtypes. Returns False (and changes nothing) when the module does not track
+    statistics (:func:`tracks_running_stats`). Call it only after every check of the forward
+    has passed.
+    """
+    if not tracks_running_stats(module):
+        return False
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    nbt.add_(1)
+    if stats is None:
+        return True
+    momentum = module.momentum
+    factor = 1.0 / float(nbt) if momentum is None else float(momentum)
+    for buffer, batch in zip((rm, rv), stats, strict=True):
+        acc = torch.promote_types(buffer.dtype, batch.dtype)
+        buffer.copy_(buffer.to(acc) * (1.0 - factor) + batch.detach().to(acc) * factor)
+    return True
+
+
+def load_missing_num_batches_tracked(module: nn.Module, state_dict: Any, prefix: str,
+                                     local_metadata: dict[str, Any]) -> None:
+    """torch's rule for checkpoints written before ``num_batches_tracked`` existed (version
+    < 2 or no version): a missing counter loads as the module's current one (0 when fresh).
+    ``_BatchNorm`` subclasses inherit it; modules that are not ``_BatchNorm`` call this."""
+    version = local_metadata.get("version")
+    key = prefix + "num_batches_tracked"
+    if (version is None or version < 2) and key not in state_dict:
+        current = getattr(module, "num_batches_tracked", None)
+        state_dict[key] = current if current is not None else torch.tensor(0, dtype=torch.long)
+
+
+class GuardedBatchNorm(_BatchNorm):
+    """Base of ``BatchRenorm*`` and ``GhostBatchNorm*``: torch's ``_BatchNorm`` plus guards.
+
+    Subclasses implement :meth:`_train_forward`; eval with running statistics is torch's own
     ``F.batch_norm`` in inference mode, so it equals ``nn.BatchNorm*d.eval()`` exactly.
     """
 
     _ranks: ClassVar[tuple[int, ...]] = ()
     _shape_text: ClassVar[str] = "(N, C, ...)"
-
-    weight: Tensor | None
-    bias: Tensor | None
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
 
     def __init__(
         self,
@@ -101,41 +219,18 @@ class GuardedBatchNorm(nn.Module):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        super().__init__()
-        check_num_features_and_eps(num_features, eps)
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None (cumulative), got {momentum!r}")
+        check_options(num_features, eps, momentum)
         if small_batch not in SMALL_BATCH_POLICIES:
             raise ValueError(
                 f"small_batch must be one of {SMALL_BATCH_POLICIES}, got {small_batch!r}"
             )
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = float(eps)
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        super().__init__(num_features, float(eps), momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
         self.small_batch = small_batch
         self.skip_nonfinite = skip_nonfinite
         # Name used in warnings; set by replace_norm / name_bn_layers, else class name + id.
         self.layer_name: str | None = None
         self._warned_nonfinite = False
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
 
     # ----------------------------------------------------------------- helpers
 
@@ -149,37 +244,27 @@ class GuardedBatchNorm(nn.Module):
     def display_name(self) -> str:
         return self.layer_name or f"{type(self).__name__}@{id(self):#x}"
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__} expected a torch.Tensor, got {type(x)!r}")
-        if self._ranks and x.dim() not in self._ranks:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape {self._shape_text} "
-                f"({' or '.join(f'{r}-D' for r in self._ranks)}), got {x.dim()}-D input of "
-                f"shape {tuple(x.shape)}"
-            )
-        if x.dim() < 2:
-            raise ValueError(f"expected input with a channel axis 1, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
-                f"channels on axis 1, got input of shape {tuple(x.shape)}"
-            )
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_input(self, input, self._ranks, self._shape_text)
 
     def _small_batch(self, x: Tensor, values_per_channel: int) -> bool:
-        """Apply the ``small_batch`` policy; True means: normalise with running stats."""
-        if values_per_channel > 1:
+        """Apply the ``small_batch`` policy; True means: normalise with running stats.
+
+        Only a batch with exactly one value per channel is small: an empty batch (0 values)
+        is normalised to an empty output, as torch does.
+        """
+        if values_per_channel != 1:
             return False
         if self.small_batch == "error":
             raise ValueError(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{torch.Size(x.shape)} (layer {self.display_name()}). {SMALL_BATCH_HINT}"
             )
-        if not self.track_running_stats:
+        if self.running_mean is None or self.running_var is None:
             raise ValueError(
                 f"small_batch='skip' normalises a batch of one with the running statistics, "
-                f"but layer {self.display_name()} has track_running_stats=False; got input "
-                f"size {torch.Size(x.shape)}"
+                f"but layer {self.display_name()} has none (track_running_stats=False); got "
+                f"input size {torch.Size(x.shape)}"
             )
         return True
 
@@ -189,16 +274,13 @@ class GuardedBatchNorm(nn.Module):
             x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )
 
-    @torch.no_grad()
     def _update_running(self, mean: Tensor, var_unbiased: Tensor) -> bool:
-        """``new = (1 - m)·old + m·batch`` (torch's convention; m = 1/t when momentum is None).
+        """:func:`update_running_stats` behind the ``skip_nonfinite`` guard.
 
-        ``var_unbiased`` is the batch variance with Bessel's correction, as torch stores it.
         Returns False (and changes nothing) when the statistics are not finite and
-        ``skip_nonfinite`` is on.
+        ``skip_nonfinite`` is on, or when the layer does not track statistics.
         """
-        rm, rv, nbt = self.running_mean, self.running_var, self.num_batches_tracked
-        if rm is None or rv is None or nbt is None:
+        if not tracks_running_stats(self):
             return False
         if self.skip_nonfinite and not is_finite(mean, var_unbiased):
             if not self._warned_nonfinite:
@@ -211,18 +293,32 @@ class GuardedBatchNorm(nn.Module):
                     stacklevel=4,
                 )
             return False
-        nbt.add_(1)
-        factor = 1.0 / float(nbt) if self.momentum is None else self.momentum
-        rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
-        rv.mul_(1.0 - factor).add_(var_unbiased.to(rv.dtype), alpha=factor)
-        return True
+        return self._count(update_running_stats(self, (mean, var_unbiased)))
+
+    def _count(self, updated: bool) -> bool:
+        """After an update: let the subclass advance what counts with the batches."""
+        if updated:
+            self._counted()
+        return updated
+
+    def _counted(self) -> None:
+        """Hook called once per counted training batch (Batch Renorm's warm-up)."""
 
     # ----------------------------------------------------------------- forward
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        if self.training or not self.track_running_stats:
+        self._check_input_dim(x)
+        if self.training:
+            if x.numel() == 0:
+                # An empty batch, as torch: empty output, zero parameter gradients, counted
+                # in num_batches_tracked with the statistics unchanged.
+                check_training_eps(self)
+                self._count(update_running_stats(self, None))
+                return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
             return self._train_forward(x)
+        if self.running_mean is None or self.running_var is None:
+            # Eval without running statistics: the whole batch's statistics, as torch does.
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return self._eval_forward(x)
 
     def _train_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract

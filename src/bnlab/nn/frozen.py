@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from bnlab.nn._base import (
     RANKS,
-    GuardedBatchNorm,
     channel_view,
-    check_num_features_and_eps,
+    check_input,
+    check_options,
+    load_missing_num_batches_tracked,
     rank_doc,
 )
 
@@ -26,8 +27,11 @@ _DOC = """BatchNorm frozen into a fixed affine map over a {shape} input.
     forward never changes it. The input still receives the exact gradient ``dL/dx = dL/dy · a``.
     State-dict keys are exactly torch's BatchNorm keys (``weight``, ``bias``, ``running_mean``,
     ``running_var``, ``num_batches_tracked``; no ``weight``/``bias`` when ``affine=False``), so
-    a ``nn.BatchNorm{dim}d`` checkpoint loads directly and back. Use :func:`freeze_bn` to
-    convert a model's BN layers in place, :func:`unfreeze_bn` to undo it.
+    a ``nn.BatchNorm{dim}d`` checkpoint loads directly and back (one written before torch
+    had ``num_batches_tracked`` too, as torch loads it). It is deliberately not a subclass of
+    torch's ``_BatchNorm``: ``torch.optim.swa_utils.update_bn`` would reset its statistics
+    and, since frozen statistics never update, leave them at 0 and 1. Use :func:`freeze_bn`
+    to convert a model's BN layers in place, :func:`unfreeze_bn` to undo it.
 
     Args:
         num_features: C.
@@ -49,6 +53,7 @@ _EXAMPLES = {1: "(8, 4)", 2: "(8, 4, 5, 5)", 3: "(8, 4, 2, 5, 5)"}
 
 
 class _FrozenBatchNorm(nn.Module):
+    _version = 2  # torch's BatchNorm state-dict version: num_batches_tracked is saved
     _ranks: ClassVar[tuple[int, ...]] = ()
     _shape_text: ClassVar[str] = "(N, C, ...)"
     _dim: ClassVar[int] = 0
@@ -69,8 +74,8 @@ class _FrozenBatchNorm(nn.Module):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
+        check_options(num_features, eps)  # momentum is only carried, never used
         super().__init__()
-        check_num_features_and_eps(num_features, eps)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)
@@ -91,6 +96,17 @@ class _FrozenBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
+    def reset_running_stats(self) -> None:
+        """running_mean 0, running_var 1, num_batches_tracked 0 (torch's fresh state)."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any,
+                              *args: Any) -> None:
+        load_missing_num_batches_tracked(self, state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """(a, b) with y = x·a + b, per channel."""
         scale = torch.rsqrt(self.running_var + self.eps)
@@ -102,7 +118,7 @@ class _FrozenBatchNorm(nn.Module):
         return scale, shift
 
     def forward(self, x: Tensor) -> Tensor:
-        GuardedBatchNorm._check_input(self, x)  # type: ignore[arg-type]
+        check_input(self, x, self._ranks, self._shape_text)
         scale, shift = self.scale_shift()
         return torch.addcmul(
             channel_view(shift, x.dim()), x, channel_view(scale, x.dim())
@@ -130,9 +146,5 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
     _ranks, _shape_text = RANKS[3]
     _dim = 3
 
-
-FROZEN: dict[int, type[_FrozenBatchNorm]] = {
-    1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d,
-}
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]

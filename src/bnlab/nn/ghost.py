@@ -6,14 +6,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from bnlab.nn._base import (
     RANKS,
     GuardedBatchNorm,
+    accumulation_dtype,
     bn_backward,
+    check_training_eps,
     differentiable_grads,
     rank_doc,
+    tracks_running_stats,
 )
 
 _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, arXiv:1705.08741).
@@ -39,8 +41,11 @@ _DOC = """Ghost Batch Normalization over a {shape} input (Hoffer et al. 2017, ar
     row, sums them per chunk, and forms dx in two broadcast passes. From 8 positions the row
     reductions are torch's BN kernels on a (1, N·C, L) view; below, composite ops. A
     contiguous input is never copied (a channels-last one is, once), so a training step
-    costs about what ``nn.BatchNorm{dim}d`` costs. Double backward (``create_graph=True``)
-    works: it differentiates the same maths written with differentiable ops.
+    costs about what ``nn.BatchNorm{dim}d`` costs; the output keeps a channels-last input's
+    memory format, as torch's BN does. Double backward (``create_graph=True``) works: it
+    differentiates the same maths written with differentiable ops; so does forward-mode AD
+    (``torch.autograd.forward_ad``). A float16/bfloat16 input (CPU autocast) is normalised
+    in float32 and rounded once, as torch's BN does.
 
     Running statistics: one update per training forward, from the *whole* batch — the
     count-weighted mean of the chunk means and the unbiased variance of all N samples, merged
@@ -120,22 +125,19 @@ class _GhostBatchNorm(GuardedBatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            # Eval without running statistics: the whole batch's statistics, as torch does
-            # (ghost batches are a training-time regulariser; eval never chunks).
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         n, c = x.shape[0], self.num_features
-        per_sample = x[0].numel() // c if n else 0
+        per_sample = x[0].numel() // c
         v = self.virtual_batch_size
         k, tail = ghost_chunks(n, v)
         smallest = n if v >= n else (min(v, tail) if tail else v)
         if self._small_batch(x, smallest * per_sample):
             return self._eval_forward(x)
+        check_training_eps(self)
         if v >= n:
             k, v = 1, n  # one chunk: exactly BatchNorm
         chunks = _Chunks(n, v, k, tail)
         out, means, variances = _GhostFunction.apply(x, self.weight, self.bias, chunks, self.eps)
-        if self.track_running_stats:
+        if tracks_running_stats(self):
             with torch.no_grad():
                 self._update_from_chunks(means, variances,
                                          [s * per_sample for s in chunks.sizes])
@@ -199,12 +201,6 @@ class _Chunks:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and per-chunk coefficients of float16/bfloat16 inputs are kept in float32
-    (as torch's BN keeps its statistics); the elementwise passes stay in the input's dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _use_kernels(x3: Tensor) -> bool:
     return x3.shape[2] >= ROWS_MIN_LENGTH and x3.device.type in ("cpu", "cuda")
 
@@ -263,6 +259,16 @@ def _broadcast_affine(t3: Tensor, a: Tensor, b: Tensor, chunks: _Chunks) -> Tens
     return out
 
 
+def _like_input(t3: Tensor, x: Tensor) -> Tensor:
+    """A (N, C, L) result as x's shape, dtype and memory format (channels-last kept, as
+    torch's BN keeps it)."""
+    t = t3.view(x.shape).to(x.dtype)
+    for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == ndim and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return t.contiguous(memory_format=fmt)
+    return t
+
+
 class _GhostFunction(torch.autograd.Function):
     """Ghost BN from per-chunk statistics, without copying or gathering per sample.
 
@@ -279,16 +285,20 @@ class _GhostFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 chunks: _Chunks, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
-        x3 = x.contiguous().view(n, c, -1)  # channels-last and other strides: one copy
-        mean, var = _chunk_moments(x3, chunks, _accumulation_dtype(x.dtype))
+        acc = accumulation_dtype(x.dtype)
+        # (N, C, L) views; channels-last and other strides: one copy. Half-precision input
+        # is normalised in float32 (as torch's BN does), then rounded once.
+        x3 = x.contiguous().view(n, c, -1).to(acc)
+        mean, var = _chunk_moments(x3, chunks, acc)
         invstd = (var + eps).rsqrt()
-        scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
         y = _broadcast_affine(x3, scale, shift, chunks)
         ctx.save_for_backward(x, x3, weight, bias, mean, invstd)
+        ctx.save_for_forward(x, x3, weight, mean, invstd)
         ctx.eps, ctx.chunks = eps, chunks
         ctx.mark_non_differentiable(mean, var)
-        return y.view(x.shape), mean, var
+        return _like_input(y, x), mean, var
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
@@ -300,20 +310,50 @@ class _GhostFunction(torch.autograd.Function):
                 (x, weight, bias), ctx.needs_input_grad[:3], dy)
             return (*first, None, None)
         n, c = x.shape[0], x.shape[1]
-        dy3 = dy.contiguous().view(n, c, -1)
+        dy3 = dy.contiguous().view(n, c, -1).to(x3.dtype)
         sum_dy, sum_dy_xmu = _chunk_grad_sums(dy3, x3, mean, chunks)
         m = mean.new_tensor(chunks.sizes).unsqueeze(1) * x3.shape[2]  # values per chunk
         # dx = γ·invstd·(dy − Σdy/m − (x − μ)·invstd²·Σdy(x − μ)/m) = a·dy + b·x + c
-        a = invstd if weight is None else invstd * weight
+        a = invstd if weight is None else invstd * weight.to(invstd.dtype)
         b = -a * invstd.square() * sum_dy_xmu / m
         cc = -a * sum_dy / m - b * mean
         dx = _broadcast_affine(dy3, a, cc, chunks)
         for dg, xg, bg in zip(chunks.views(dx), chunks.views(x3),
-                              chunks.per_chunk(b.to(x.dtype)), strict=True):
+                              chunks.per_chunk(b.to(x3.dtype)), strict=True):
             dg.addcmul_(xg, bg)
         dweight = (sum_dy_xmu * invstd).sum(0).to(weight.dtype) if weight is not None else None
         dbias = sum_dy.sum(0).to(bias.dtype) if bias is not None else None
-        return dx.view(x.shape), dweight, dbias, None, None
+        return _like_input(dx, x), dweight, dbias, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+            *_constant_tangents: Any) -> tuple[Tensor, None, None]:
+        """Forward-mode AD, with x̂ = (x − μ_j)·invstd_j and E the mean over chunk j::
+
+            x̂' = invstd_j·(x' − E[x'] − x̂·E[x̂·x']),    y' = γ·x̂' + γ'·x̂ + β'
+        """
+        x, x3, weight, mean, invstd = ctx.saved_tensors
+        chunks: _Chunks = ctx.chunks
+        n, c = x3.shape[0], x3.shape[1]
+        xt3 = None if x_t is None else x_t.contiguous().view(n, c, -1).to(x3.dtype)
+        tangent_views = [None] * len(chunks.groups) if xt3 is None else chunks.views(xt3)
+        parts = []
+        for xg, tg, mu, inv in zip(chunks.views(x3), tangent_views, chunks.per_chunk(mean),
+                                   chunks.per_chunk(invstd), strict=True):
+            xhat = (xg - mu) * inv
+            part = torch.zeros_like(xhat)
+            if tg is not None:
+                xhat_t = (tg - tg.mean((1, 3), keepdim=True)
+                          - xhat * (xhat * tg).mean((1, 3), keepdim=True)) * inv
+                part = part + (xhat_t if weight is None
+                               else xhat_t * weight.to(x3.dtype).view(c, 1))
+            if weight_t is not None:
+                part = part + xhat * weight_t.to(x3.dtype).view(c, 1)
+            if bias_t is not None:
+                part = part + bias_t.to(x3.dtype).view(c, 1)
+            parts.append(part.reshape(-1, c, x3.shape[2]))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return _like_input(out, x), None, None
 
 
 def _ghost_differentiable(x: Tensor, weight: Tensor | None, bias: Tensor | None,

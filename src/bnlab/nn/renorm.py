@@ -11,9 +11,13 @@ from torch.nn import functional as F
 from bnlab.nn._base import (
     RANKS,
     GuardedBatchNorm,
+    accumulation_dtype,
     bn_backward,
+    channel_view,
+    check_training_eps,
     differentiable_grads,
     rank_doc,
+    reduce_dims,
 )
 
 _DOC = """Batch Renormalization over a {shape} input (Ioffe 2017, arXiv:1702.03275).
@@ -50,7 +54,9 @@ _DOC = """Batch Renormalization over a {shape} input (Ioffe 2017, arXiv:1702.032
     step costs what a BatchNorm step costs). r and d are detached as in the paper: the
     gradient treats them as constants (dγ = r·Σdy·x̂ + d·Σdy). Double backward
     (``create_graph=True``) works: it differentiates the same maths written with
-    differentiable ops.
+    differentiable ops; so does forward-mode AD (``torch.autograd.forward_ad``), with r and
+    d constant. Under CPU autocast a float16/bfloat16 input takes float32 statistics and
+    parameters, as torch's BN does.
 
     Args:
         num_features: C.
@@ -133,34 +139,54 @@ class _BatchRenorm(GuardedBatchNorm):
             with torch.no_grad():
                 self.warmup_step.fill_(min(int(nbt), self.warmup_steps))
 
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        # _BatchNorm.__init__ resets the statistics before warmup_step is registered.
+        if hasattr(self, "warmup_step"):
+            self.warmup_step.zero_()
+
+    def _counted(self) -> None:
+        self.warmup_step.add_(1).clamp_(max=self.warmup_steps)
+
     def _train_forward(self, x: Tensor) -> Tensor:
         count = x.numel() // self.num_features
         if self._small_batch(x, count):
             return self._eval_forward(x)
         rm, rv = self.running_mean, self.running_var
-        if rm is None or rv is None:  # pragma: no cover - the constructor always tracks
-            raise RuntimeError("BatchRenorm needs running statistics")
+        if rm is None or rv is None:
+            raise ValueError(
+                f"{type(self).__name__} needs running statistics in training (r and d compare "
+                f"the batch with them), but layer {self.display_name()} has none"
+            )
+        check_training_eps(self)
+        acc = accumulation_dtype(x.dtype)
         with torch.no_grad():
             # One fused pass for the per-channel mean and biased variance (torch's BN stats
-            # kernel; no running buffers given, so it updates nothing).
-            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-            sigma = torch.sqrt(rv + self.eps)
+            # kernel; no running buffers given, so it updates nothing). Half-precision input
+            # is read in float32, as torch's BN keeps its statistics; detached, so forward-
+            # mode AD sees μ_B, σ_B² only through _Renorm (no_grad leaves tangents on).
+            xs = x.detach()
+            mean, var = torch.batch_norm_update_stats(
+                xs if xs.dtype == acc else xs.to(acc), None, None, 0.0)
+            sigma = torch.sqrt(rv.to(acc) + self.eps)
             r_lim, d_lim = self.current_limits()
-            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, 1.0 / r_lim, r_lim).to(x.dtype)
-            d = torch.clamp((mean - rm) / sigma, -d_lim, d_lim).to(x.dtype)
+            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, 1.0 / r_lim, r_lim)
+            d = torch.clamp((mean - rm.to(acc)) / sigma, -d_lim, d_lim)
         # γ((x − μ_B)/σ_B · r + d) + β is BatchNorm with weight γ·r and bias γ·d + β.
         out = _Renorm.apply(x, self.weight, self.bias, mean, var, r, d, self.eps)
-        if self._update_running(mean, var * (count / (count - 1))):
-            self.warmup_step.add_(1).clamp_(max=self.warmup_steps)
+        self._update_running(mean, var * (count / (count - 1)))
         return out
 
 
 def _renorm_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
                    ) -> tuple[Tensor, Tensor]:
-    """BatchNorm's per-channel affine that gives renorm: γ·r and γ·d + β (r, d without γ)."""
+    """BatchNorm's per-channel affine that gives renorm: γ·r and γ·d + β (r, d without γ).
+
+    In the parameters' dtype when there are parameters (float32 for a half-precision input
+    under autocast, as torch's BN takes them), else in r's (the statistics' dtype)."""
     if weight is None or bias is None:
         return r, d
-    return weight * r, torch.addcmul(bias, weight, d)
+    return weight * r.to(weight.dtype), torch.addcmul(bias, weight, d.to(weight.dtype))
 
 
 class _Renorm(torch.autograd.Function):
@@ -178,6 +204,7 @@ class _Renorm(torch.autograd.Function):
         w, b = _renorm_affine(weight, bias, r, d)
         y = F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
         ctx.save_for_backward(x, weight, bias, mean, var, r, d)
+        ctx.save_for_forward(x, weight, bias, mean, var, r, d)
         ctx.eps = eps
         return y
 
@@ -196,8 +223,35 @@ class _Renorm(torch.autograd.Function):
         dx, g_w, g_b = bn_backward(
             dy, x, w, None, None, mean, invstd, True, ctx.eps,
             [needs_x, needs_w or needs_b, needs_w or needs_b])
-        dweight = torch.addcmul(g_w * r, g_b, d) if needs_w else None
+        dweight = torch.addcmul(g_w * r, g_b, d).to(weight.dtype) if needs_w else None
         return dx, dweight, g_b if needs_b else None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+            *_stat_tangents: Any) -> Tensor:
+        """Forward-mode AD: with x̂ = (x − μ_B)·invstd and means E over every axis but C,
+
+            x̂' = invstd·(x' − E[x']) − x̂·E[x̂·x']·invstd,   y' = γ·r·x̂' + γ'·(r·x̂ + d) + β'
+
+        (μ_B and σ_B depend on x; r and d are constants, as in backward)."""
+        x, weight, _bias, mean, var, r, d = ctx.saved_tensors
+        nd, dims = x.dim(), reduce_dims(x)
+        acc = mean.dtype
+        invstd = (var + ctx.eps).rsqrt()
+        xhat = (x.to(acc) - channel_view(mean, nd)) * channel_view(invstd, nd)
+        out = torch.zeros_like(xhat)
+        if x_t is not None:
+            xt = x_t.to(acc)
+            xhat_t = (xt - xt.mean(dims, keepdim=True)
+                      - xhat * (xhat * xt).mean(dims, keepdim=True)) * channel_view(invstd, nd)
+            gain = r if weight is None else weight.to(acc) * r
+            out = out + xhat_t * channel_view(gain, nd)
+        if weight_t is not None:
+            affine_t = channel_view(weight_t.to(acc), nd)
+            out = out + (xhat * channel_view(r, nd) + channel_view(d, nd)) * affine_t
+        if bias_t is not None:
+            out = out + channel_view(bias_t.to(acc), nd)
+        return out.to(x.dtype)
 
 
 def _doc(dim: int) -> str:

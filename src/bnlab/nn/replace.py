@@ -15,43 +15,23 @@ import torch
 from torch import nn
 
 from bnlab.nn._base import GuardedBatchNorm
-from bnlab.nn.frozen import FROZEN, _FrozenBatchNorm
-from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, _GhostBatchNorm
-from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm
+from bnlab.nn.frozen import _FrozenBatchNorm
+from bnlab.nn.kinds import BN_KINDS, bn_kind
+from bnlab.nn.renorm import _BatchRenorm
 from bnlab.nn.rewrite import NormAct, RewriteReport, bn_form, rewrite_modules, warn
-
-KINDS = ("bn", "renorm", "ghost", "frozen", "sync")
-
-_TORCH_BN: dict[int, type[nn.Module]] = {
-    1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d,
-}
-_BY_KIND: dict[str, dict[int, type[nn.Module]]] = {
-    "bn": _TORCH_BN,
-    "renorm": {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
-    "ghost": {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d},
-    "frozen": dict(FROZEN),
-}
-# Rank-agnostic classes, for a source layer whose rank is unknown (a SyncBatchNorm).
-_ANY_RANK: dict[str, type[nn.Module]] = {
-    "renorm": _BatchRenorm, "ghost": _GhostBatchNorm, "frozen": _FrozenBatchNorm,
-}
-
-
-def _is_bnlab_sync(module: nn.Module) -> bool:
-    return type(module).__module__ == "bnlab.nn.sync" and hasattr(module, "running_mean")
 
 
 def is_batchnorm(module: nn.Module) -> bool:
-    """True for torch's and bnlab's batch-norm layers (not GroupNorm/LayerNorm/InstanceNorm)."""
-    return isinstance(
-        module, (nn.modules.batchnorm._BatchNorm, GuardedBatchNorm, _FrozenBatchNorm)
-    ) or _is_bnlab_sync(module)
+    """True for torch's and bnlab's batch-norm layers (not GroupNorm/LayerNorm/InstanceNorm).
+
+    Every bnlab BN module but the frozen one is a torch ``_BatchNorm``."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, _FrozenBatchNorm))
 
 
 def batchnorm_dim(module: nn.Module) -> int | None:
     """1, 2 or 3 for a rank-specific BN class; None for rank-agnostic ones (SyncBatchNorm)."""
-    for dim in (1, 2, 3):
-        if isinstance(module, _TORCH_BN[dim]) and not isinstance(module, nn.SyncBatchNorm):
+    for dim, cls in BN_KINDS["bn"].classes.items():
+        if isinstance(module, cls) and not isinstance(module, nn.SyncBatchNorm):
             return dim
     ranks = getattr(module, "_ranks", None)
     if ranks:
@@ -97,12 +77,12 @@ def _tensor_like(module: nn.Module) -> dict[str, Any]:
 
 def convert_layer(module: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     """A new ``kind`` layer (not ``"sync"``) with ``module``'s configuration and state."""
-    if kind not in _BY_KIND:
-        raise ValueError(f"kind must be one of {sorted(_BY_KIND)}, got {kind!r}")
+    if kind == "sync":
+        raise ValueError("convert_layer makes one layer; use convert_sync_batchnorm for 'sync'")
+    spec = bn_kind(kind)
     if not is_batchnorm(module):
         raise TypeError(f"expected a batch-norm layer, got {type(module).__name__}")
-    dim = batchnorm_dim(module)
-    cls = _BY_KIND[kind].get(dim) if dim is not None else _ANY_RANK.get(kind)
+    cls = spec.class_for(batchnorm_dim(module))
     if cls is None:
         raise ValueError(
             f"cannot convert {type(module).__name__} (rank-agnostic) to {kind!r}: pick a "
@@ -117,7 +97,7 @@ def convert_layer(module: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     options: dict[str, Any] = {
         "eps": module.eps, "affine": module.affine, "momentum": getattr(module, "momentum", 0.1),
     }
-    if kind in ("bn", "ghost"):
+    if spec.takes_track_running_stats:
         options["track_running_stats"] = tracks
     options.update(_tensor_like(module))
     options.update(kwargs)
@@ -179,8 +159,7 @@ def replace_norm(model: nn.Module, kind: str, *, report: bool = False, **kwargs:
         >>> from bnlab.nn import replace_norm
         >>> net = replace_norm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), "renorm")
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    bn_kind(kind)  # a known kind, or a ValueError listing them
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if kind == "sync":
@@ -190,7 +169,8 @@ def replace_norm(model: nn.Module, kind: str, *, report: bool = False, **kwargs:
         # there first (renorm/ghost/frozen behaviour is dropped: all become synchronised).
         model, rep = _rewrite_bn(
             model, "replace_norm",
-            lambda m: isinstance(m, (_BatchRenorm, _GhostBatchNorm, _FrozenBatchNorm)),
+            lambda m: isinstance(m, (GuardedBatchNorm, _FrozenBatchNorm))
+            and batchnorm_dim(m) is not None,
             lambda m: convert_layer(m, "bn"), "replaced",
         )
         model, sync_rep = convert_sync_batchnorm(model, report=True, **kwargs)

@@ -24,6 +24,13 @@ float64 values per rank); backward does ONE ``all_reduce`` of the packed ``(Σ d
 (2C float64 values). A rank with an empty batch still joins both collectives (contributing
 ``n_r = 0``), so nobody waits for it forever. Parameter gradients stay local: DDP (or the
 caller) reduces them like any other parameter gradient.
+
+Higher derivatives: under ``create_graph=True`` backward differentiates the training
+forward written with differentiable ops, whose two global sums go through a differentiable
+all-reduce, so second derivatives (gradient penalties, MAML) equal torch BN's on the
+concatenated batch. Forward-mode AD all-reduces the two tangent sums it needs. Both need
+every rank to take part, as backward does. A float16/bfloat16 input (CPU autocast) is
+normalised in float32 and rounded once, as torch's BN does.
 """
 
 from __future__ import annotations
@@ -36,7 +43,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnlab.nn._base import channel_view, reduce_dims
+from bnlab.nn._base import (
+    accumulation_dtype,
+    channel_view,
+    check_input,
+    check_options,
+    check_training_eps,
+    differentiable_grads,
+    reduce_dims,
+    update_running_stats,
+)
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -53,11 +69,6 @@ def _active_group(process_group: Any) -> Any | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """The dtype of the per-rank reductions: the input's, float32 for float16/bfloat16."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
 def _global_stats(x: Tensor, group: Any | None) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and M2 (centred sum of squares) over all ranks, and the count n.
 
@@ -69,9 +80,9 @@ def _global_stats(x: Tensor, group: Any | None) -> tuple[Tensor, Tensor, int]:
     concatenated batch up to rounding.
     """
     channels = x.shape[1]
-    count = x.numel() // channels if channels else 0
+    count = x.numel() // channels
     if count > 0:
-        xa = x.detach().to(_acc_dtype(x))
+        xa = x.detach().to(accumulation_dtype(x.dtype))
         dims = reduce_dims(x)
         mean_local = xa.mean(dim=dims)
         centred = xa - channel_view(mean_local, x.dim())
@@ -95,6 +106,46 @@ def _global_stats(x: Tensor, group: Any | None) -> tuple[Tensor, Tensor, int]:
     return g_mean, g_m2, n
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable sum over the ranks: every rank gets Σ_r t_r.
+
+    Its gradient is again the sum over the ranks of the incoming gradients (each rank's
+    output depends on every rank's input), taken through this Function, so derivatives of
+    any order cross the ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        ctx.group = group
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def _sync_differentiable(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                         count: int, group: Any | None) -> Tensor:
+    """The training forward written with differentiable ops, for double backward.
+
+    Without a group it is torch's BN; with one, the two-pass statistics of the global batch
+    through :class:`_AllReduceSum` (float64 sums, as in :func:`_global_stats`)."""
+    if group is None:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    dims, nd, acc = reduce_dims(x), x.dim(), accumulation_dtype(x.dtype)
+    xa = x.to(acc)
+    mean = _AllReduceSum.apply(xa.sum(dims).to(torch.float64), group) / count
+    centred = xa - channel_view(mean.to(acc), nd)
+    m2 = _AllReduceSum.apply(centred.square().sum(dims).to(torch.float64), group)
+    y = centred * channel_view((m2 / count + eps).rsqrt().to(acc), nd)
+    if weight is not None:
+        y = y * channel_view(weight.to(acc), nd)
+    if bias is not None:
+        y = y + channel_view(bias.to(acc), nd)
+    return y.to(x.dtype)
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Normalise with given global statistics; backward all-reduces the two sums dx needs.
 
@@ -103,7 +154,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dx = γ·invstd · (dy − Σ_all dy / n − x̂ · Σ_all (dy·x̂) / n)
 
     where Σ_all sums over every rank's batch (one all_reduce). dγ = Σ_local dy·x̂ and
-    dβ = Σ_local dy are returned per rank.
+    dβ = Σ_local dy are returned per rank. Under ``create_graph=True`` the gradients are
+    taken through :func:`_sync_differentiable` instead, so second derivatives are exact
+    (the statistics' dependence on x included, across the ranks). Forward-mode AD
+    (:meth:`jvp`) all-reduces the two tangent sums it needs the same way.
     """
 
     @staticmethod
@@ -116,25 +170,32 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         invstd: Tensor,
         count: int,
         group: Any | None,
+        eps: float,
     ) -> Tensor:
+        # Half-precision input is normalised in float32 (like torch's BN), then rounded once.
+        acc, nd = accumulation_dtype(x.dtype), x.dim()
         scale = invstd if weight is None else invstd * weight.to(torch.float64)
         # (x − μ)·scale + β rather than x·scale + (β − μ·scale): subtracting first keeps
         # full precision when |μ| is large against the standard deviation.
-        nd = x.dim()
-        y = (x - channel_view(mean.to(x.dtype), nd)) * channel_view(scale.to(x.dtype), nd)
+        y = (x.to(acc) - channel_view(mean.to(acc), nd)) * channel_view(scale.to(acc), nd)
         if bias is not None:
-            y = y + channel_view(bias.to(x.dtype), nd)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count, ctx.group = count, group
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+            y = y + channel_view(bias.to(acc), nd)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.save_for_forward(x, weight, bias, mean, invstd)
+        ctx.count, ctx.group, ctx.eps = count, group, eps
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
         (dy,) = grad_outputs
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite form
+            first = differentiable_grads(
+                lambda: _sync_differentiable(x, weight, bias, ctx.eps, ctx.count, ctx.group),
+                (x, weight, bias), ctx.needs_input_grad[:3], dy)
+            return (*first, None, None, None, None, None)
         dims = reduce_dims(x)
-        acc, nd = _acc_dtype(x), x.dim()
+        acc, nd = accumulation_dtype(x.dtype), x.dim()
         centred = x.to(acc) - channel_view(mean.to(acc), nd)
         dy_acc = dy.to(acc)
         # Local per-channel sums in the input's dtype (cascaded sums, as in _global_stats),
@@ -145,8 +206,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if needs_w and weight is not None:
             grad_w = sum_dy_xhat.to(weight.dtype)
-        if needs_b and ctx.bias_dtype is not None:
-            grad_b = sum_dy.to(ctx.bias_dtype)
+        if needs_b and bias is not None:
+            grad_b = sum_dy.to(bias.dtype)
         if needs_x:
             total = torch.cat([sum_dy, sum_dy_xhat])
             if ctx.group is not None:
@@ -159,7 +220,36 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad = dy_acc - channel_view(mean_dy.to(acc), nd)
             grad.addcmul_(centred, channel_view(coef.to(acc), nd), value=-1.0)
             grad_x = grad.mul_(channel_view(k.to(acc), nd)).to(x.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+            *_constant_tangents: Any) -> Tensor:
+        """Forward-mode AD, with x̂ = (x − μ)·invstd and E the mean over the global batch::
+
+            x̂' = invstd·(x' − E[x'] − x̂·E[x̂·x']),    y' = γ·x̂' + γ'·x̂ + β'
+
+        E[x'] and E[x̂·x'] take one all_reduce of two per-channel sums (every rank must
+        push tangents through the layer together, as for backward)."""
+        x, weight, _bias, mean, invstd = ctx.saved_tensors
+        dims, nd, acc = reduce_dims(x), x.dim(), accumulation_dtype(x.dtype)
+        xhat = (x.to(acc) - channel_view(mean.to(acc), nd)) * channel_view(invstd.to(acc), nd)
+        out = torch.zeros_like(xhat)
+        if x_t is not None:
+            xt = x_t.to(acc)
+            sums = torch.cat([xt.sum(dims), (xhat * xt).sum(dims)]).to(torch.float64)
+            if ctx.group is not None:
+                dist.all_reduce(sums, group=ctx.group)
+            channels = x.shape[1]
+            mean_t = channel_view((sums[:channels] / ctx.count).to(acc), nd)
+            mean_xhat_t = channel_view((sums[channels:] / ctx.count).to(acc), nd)
+            gain = invstd if weight is None else invstd * weight.to(torch.float64)
+            out = out + (xt - mean_t - xhat * mean_xhat_t) * channel_view(gain.to(acc), nd)
+        if weight_t is not None:
+            out = out + xhat * channel_view(weight_t.to(acc), nd)
+        if bias_t is not None:
+            out = out + channel_view(bias_t.to(acc), nd)
+        return out.to(x.dtype)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -211,57 +301,42 @@ class SyncBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        check_options(num_features, eps, momentum)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(
-                f"SyncBatchNorm expects input of shape (N, C, *) with at least 2 dimensions, "
-                f"got {input.dim()}D input of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"SyncBatchNorm expects {self.num_features} channels on axis 1, got input of "
-                f"shape {tuple(input.shape)}"
-            )
+        check_input(self, input, (), "(N, C, *)")
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats:  # eval with running statistics: local, no communication
             return F.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                 self.eps,
             )
+        check_training_eps(self)
         # Only training synchronises; eval without running stats uses the local batch,
         # as torch.nn.SyncBatchNorm does.
         group = _active_group(self.process_group) if self.training else None
-        with torch.no_grad():
-            mean, m2, count = _global_stats(input, group)
+        mean, m2, count = _global_stats(input, group)
         if count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{input.size()} (1 value per channel over all ranks together)"
             )
+        if self.training:
+            # Every check has passed: count the batch (statistics unchanged when empty).
+            update_running_stats(self, (mean, m2 / (count - 1)) if count else None)
         if count == 0:
-            # Every rank is empty: nothing to normalise and nothing to learn from.
-            return input * 0.0
-        rm, rv = self.running_mean, self.running_var
-        if self.training and self.track_running_stats and rm is not None and rv is not None:
-            with torch.no_grad():
-                rm.copy_((1.0 - factor) * rm.to(torch.float64) + factor * mean)
-                rv.copy_((1.0 - factor) * rv.to(torch.float64) + factor * (m2 / (count - 1)))
+            # Every rank is empty: an empty output and zero parameter gradients, as torch.
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         invstd = torch.rsqrt(m2 / count + self.eps)
         out: Tensor = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, invstd, count, group
+            input, self.weight, self.bias, mean, invstd, count, group, self.eps
         )
         return out
 
