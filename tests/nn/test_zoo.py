@@ -421,6 +421,26 @@ def test_fold_leaves_a_conv_subclass_whose_forward_is_not_affine_in_its_weights(
         torch.testing.assert_close(folded(x), net(x), rtol=1e-10, atol=1e-12)
 
 
+def test_forward_hooks_are_never_dropped_by_a_rewrite():
+    calls = []
+    net = build("residual blocks", torch.float64).eval()
+    net[0].bn1.register_forward_hook(lambda m, i, o: calls.append("bn1"))
+    net[1].register_forward_pre_hook(lambda m, i: calls.append("block"))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ref = net(x)
+    with pytest.warns(RewriteWarning) as caught:
+        folded, rep = fold_bn(net, report=True)
+    text = " ".join(str(w.message) for w in caught)
+    assert "forward hooks on 1 would be lost" in text and "'0.bn1'" in text
+    assert ("0.bn1", "left") in [(e.layer, e.action) for e in rep.entries]
+    calls.clear()
+    torch.testing.assert_close(folded(x), ref, rtol=1e-10, atol=1e-12)
+    assert calls == ["bn1", "block"]
+    with pytest.warns(RewriteWarning, match="'0.bn1' unchanged: it has forward hooks"):
+        freeze_bn(net)
+    assert type(net[0].bn1) is nn.BatchNorm2d
+
+
 def test_rewrites_report_what_they_converted_and_left():
     net = build("unproven subclass", torch.float64)
     with pytest.warns(RewriteWarning, match=r"left layer '1' unchanged: ScaledBN"):

@@ -19,6 +19,7 @@ from bnlab.nn.rewrite import (
     RewriteWarning,
     bn_form,
     conv_fold_check,
+    has_hooks,
     rewrite_modules,
     warn,
 )
@@ -141,7 +142,13 @@ def _bn_name(target: str, renamed: dict[str, str]) -> str:
 
 def _fold_graph(model: nn.Module, report: RewriteReport, renamed: dict[str, str],
                 skip: set[int]) -> tuple[nn.Module, int]:
-    graph = _BNLeafTracer().trace(model)
+    tracer = _BNLeafTracer()
+    hooked = [name or "the model" for name, m in model.named_modules()
+              if has_hooks(m) and not tracer.is_leaf_module(m, name)]
+    if hooked:
+        # fx inlines a non-leaf module's forward: its hooks would silently stop running.
+        raise RuntimeError(f"forward hooks on {', '.join(hooked)} would be lost in an fx graph")
+    graph = tracer.trace(model)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     modules = dict(gm.named_modules(remove_duplicate=False))
     calls = Counter(
@@ -300,8 +307,9 @@ def fold_bn(model: nn.Module, *, report: bool = False) -> Any:
     handled. The graph is found with ``torch.fx`` (BN and Conv/Linear layers kept as
     leaves): a conv whose output also goes elsewhere is not folded, and a conv *module*
     called more than once (or whose weight is also read directly) is folded into a clone for
-    the BN use only, so its other uses are unchanged. Models fx cannot trace fall back, with
-    a warning, to adjacent pairs in ``nn.Sequential``.
+    the BN use only, so its other uses are unchanged. Models fx cannot trace (or with forward
+    hooks on a module fx would inline) fall back, with a warning, to adjacent pairs in
+    ``nn.Sequential``.
 
     A BN that cannot be folded but has running statistics becomes a fixed per-channel affine
     (``FrozenBatchNorm*``), its eval map. A BN without running statistics (eval uses batch

@@ -167,7 +167,8 @@ def overrides(cls: type, base: type) -> list[str]:
     return list(names)
 
 
-def _hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks on the module itself, which a rewrite of it would drop."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -278,7 +279,7 @@ def _catalogue(layer: nn.Module) -> Iterator[tuple[tuple[str, Any], ...]]:
 
 def bn_form(layer: nn.Module) -> BNForm:
     """Classify a batch-norm layer as ``plain``, ``tail`` (with its tail) or ``unproven``."""
-    if _hooks(layer):
+    if has_hooks(layer):
         return BNForm("unproven", reason="it has forward hooks, which a rewrite would drop")
     cls = type(layer)
     base = library_base(cls)
@@ -317,7 +318,7 @@ def conv_fold_check(layer: nn.Module) -> str:
     into its weight and bias; else the reason it cannot."""
     if not isinstance(layer, FOLDABLE):
         return f"its input comes from {type(layer).__name__}, not a Conv/Linear"
-    if _hooks(layer):
+    if has_hooks(layer):
         return f"{type(layer).__name__} has forward hooks, which folding would drop"
     base = library_base(type(layer))
     changed = overrides(type(layer), base)
