@@ -129,6 +129,9 @@ def _rewrite_bn(model: nn.Module, function: str, pick: Any, convert: Any,
             raise ValueError(f"{function}: layer {name!r}: {exc}") from None
         norm = new.norm if isinstance(new, NormAct) else new
         kept = f" + {', '.join(n for n, _ in form.tail)} kept" if form.tail else ""
+        if getattr(layer, "running_mean", None) is None and norm.running_mean is not None:
+            # e.g. renorm needs running statistics: they start at mean 0, variance 1
+            kept += " (it had no running statistics: the new ones start at 0 and 1)"
         report.add(name, action, f"{type(layer).__name__} -> {type(norm).__name__}{kept}")
         return new
 
