@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bnlab.nn import (
+    BatchRenorm2d,
     NormAct,
     RewriteWarning,
     convert_sync_batchnorm,
@@ -77,6 +78,24 @@ class ABN(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.leaky_relu(super().forward(x), self.activation_param)
+
+
+class BNAct1d(nn.BatchNorm1d):
+    """A fused BN+act for (N, C) features after a Linear."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(super().forward(x))
+
+
+class RenormAct2d(BatchRenorm2d):
+    """A fused layer on bnlab's Batch Renorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.hardswish(super().forward(x))
 
 
 class ScaledBN(nn.BatchNorm2d):
@@ -212,6 +231,7 @@ class Pattern:
     shape: tuple[int, ...]
     unproven: tuple[str, ...] = ()  # layers no rewrite may touch (each must be warned about)
     untraceable: bool = False
+    not_synced: tuple[str, ...] = ()  # layers convert_sync_batchnorm leaves, with a warning
 
 
 PATTERNS: dict[str, Pattern] = {
@@ -224,6 +244,10 @@ PATTERNS: dict[str, Pattern] = {
                                 (4, 3, 6, 6)),
     "ABN leaky_relu": Pattern(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), ABN(4)),
                               (4, 3, 6, 6)),
+    "Linear + BN1d+act head": Pattern(lambda: nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 6), BNAct1d(6), nn.Linear(6, 3)), (5, 3, 2, 2)),
+    "bnlab renorm + act subclass": Pattern(lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3), RenormAct2d(4)), (4, 3, 6, 6), not_synced=("1",)),
     "unproven subclass": Pattern(lambda: nn.Sequential(
         nn.Conv2d(3, 4, 3), ScaledBN(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
         (4, 3, 6, 6), unproven=("1",)),
@@ -327,6 +351,8 @@ def _expected_warnings(pattern: str, function: str) -> list[str]:
     # convert_sync_batchnorm's one warning lists "name (reason)"; the others "layer 'name'".
     sync = function in ("convert_sync", "replace sync")
     expected = [f"{name} (" if sync else f"'{name}'" for name in spec.unproven]
+    if function == "convert_sync":
+        expected += [f"{name} (" for name in spec.not_synced]
     if function == "fold_bn" and spec.untraceable:
         expected.append("could not trace")
     return expected
