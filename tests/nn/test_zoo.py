@@ -506,8 +506,9 @@ def test_recalibrate_skips_the_training_only_branch_and_reports_it(single_thread
 
 
 def table() -> str:
-    """pattern x function -> 'ok <max rel error>' or 'warned: ...' (float64; fold and freeze
-    also float32)."""
+    """pattern x function -> 'ok' (or 'WRONG') and the max relative error against the
+    original (float64; fold and freeze: float64 / float32), 'warned' when a RewriteWarning
+    was issued; the fold column adds what the report says happened to the BN layers."""
     rows = [["pattern", *FUNCTIONS]]
     for pattern in PATTERNS:
         row = [pattern]
@@ -520,6 +521,10 @@ def table() -> str:
                 ok = out.error <= TOL[dtype] and out.running_error <= TOL[dtype]
                 cells.append(f"{'ok' if ok else 'WRONG'} {max(out.error, out.running_error):.0e}")
             note = " warned" if out.warned else ""
+            if function == "fold_bn":
+                _, rep = _fold_report(pattern)
+                note += " (" + ", ".join(f"{rep.count(a)} {a}" for a in
+                                          dict.fromkeys(e.action for e in rep.entries)) + ")"
             row.append(" / ".join(cells) + note)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
