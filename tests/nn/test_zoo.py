@@ -479,12 +479,13 @@ def test_rewrites_report_what_they_converted_and_left():
     assert isinstance(net[1], NormAct) and net[1].act is not None
 
 
-def test_recalibrate_skips_the_training_only_branch_and_reports_it(single_threaded):
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_recalibrate_skips_the_training_only_branch_and_reports_it(layerwise, single_threaded):
     net = build("training-only aux head", torch.float64)
     aux_before = (net.aux[1].running_mean.clone(), net.aux[1].running_var.clone())
     data = [torch.randn(4, 3, 6, 6, dtype=torch.float64) for _ in range(3)]
     with pytest.warns(RewriteWarning, match=r"left 1 unchanged: aux\.1 \(never reached"):
-        _, rep = recalibrate_bn(net, data, progress=False, report=True)
+        _, rep = recalibrate_bn(net, data, progress=False, report=True, layerwise=layerwise)
     assert rep.layers("recalibrated") == ["body.1"] and rep.layers("skipped") == ["aux.1"]
     assert torch.equal(net.aux[1].running_mean, aux_before[0])
     assert torch.equal(net.aux[1].running_var, aux_before[1])
@@ -503,6 +504,23 @@ def test_recalibrate_skips_the_training_only_branch_and_reports_it(single_thread
 
     with pytest.raises(ValueError, match="reached none of its 1 batch-norm"):
         recalibrate_bn(Unreached(), [torch.randn(4, 3)], progress=False)
+
+
+def test_recalibrate_skips_a_subclass_it_cannot_prove(single_threaded):
+    net = build("unproven subclass", torch.float64)
+    before = net[1].running_mean.clone()
+    data = [torch.randn(4, 3, 6, 6, dtype=torch.float64) for _ in range(2)]
+    with pytest.warns(RewriteWarning, match=r"left 1 unchanged: 1 \(ScaledBN"):
+        _, rep = recalibrate_bn(net, data, progress=False, report=True)
+    assert rep.layers("recalibrated") == ["3"] and rep.layers("skipped") == ["1"]
+    assert torch.equal(net[1].running_mean, before)
+    fused = build("bnact (drop+act)", torch.float64)  # BN + tail: its input is what it normalises
+    _, rep = recalibrate_bn(fused, data, progress=False, report=True)
+    assert rep.layers("recalibrated") == ["1", "3"]
+    with torch.no_grad():
+        z = torch.cat([fused[0](x) for x in data])
+    torch.testing.assert_close(fused[1].running_mean, z.mean((0, 2, 3)), rtol=1e-12,
+                               atol=1e-12)
 
 
 def table() -> str:
