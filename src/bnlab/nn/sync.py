@@ -370,8 +370,8 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None, *
 
     The new layer *shares* the old one's parameter and buffer tensors (so an optimizer
     built before the conversion still updates the right tensors) and keeps ``eps``,
-    ``momentum``, ``requires_grad`` and train/eval mode. Hooks registered on the old
-    module are not carried over (a layer with forward hooks is left, see above). Children
+    ``momentum``, ``requires_grad`` and train/eval mode. A layer with forward hooks is left
+    as it is (the new layer would not run them). Children
     are replaced in place; a layer that occurs several times in the model is converted once
     and stays shared. Returns the model, or the new layer when ``model`` itself is a
     batch-norm layer; with ``report=True``, ``(model, RewriteReport)``.
@@ -383,7 +383,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None, *
 
     def make(name: str, layer: nn.Module) -> nn.Module | None:
         bn: Any = layer
-        if type(bn) is SyncBatchNorm:
+        if isinstance(bn, SyncBatchNorm):
             rep.add(name, "left", "already bnlab's SyncBatchNorm")
             return None
         if not isinstance(bn, _CONVERTIBLE) or isinstance(bn, nn.modules.lazy.LazyModuleMixin):
