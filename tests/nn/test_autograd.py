@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.nn import functional as F
 
-from bnlab.nn import BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d, SyncBatchNorm
+from bnlab.nn import (
+    BatchRenorm2d,
+    FrozenBatchNorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    SyncBatchNorm,
+)
 from bnlab.nn.ghost import ghost_chunks
 
 C = 3
@@ -149,6 +155,28 @@ def test_ghost_forward_mode_ad_in_training_equals_torch_jvp_per_chunk(cls, shape
     torch.testing.assert_close(_tangent(m, x, t), expected, rtol=1e-10, atol=1e-10)
 
 
+def _untracked_renorm_as_bn() -> nn.Module:
+    m = BatchRenorm2d(C, r_max=1.0, d_max=0.0)
+    m.track_running_stats = False  # no buffer update, so torch.func may transform it
+    return m
+
+
+@pytest.mark.parametrize("make", [
+    _untracked_renorm_as_bn,
+    lambda: GhostBatchNorm2d(C, 64, track_running_stats=False),
+    lambda: SyncBatchNorm(C, track_running_stats=False),
+], ids=["renorm", "ghost", "sync"])
+def test_torch_func_jvp_transforms_the_modules_like_torch_batchnorm(make):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, C, 3, 3, generator=g, dtype=F64) * 2 + 1
+    t = torch.randn(x.shape, generator=g, dtype=F64)
+    ref = nn.BatchNorm2d(C, track_running_stats=False).double()
+    y_ref, t_ref = torch.func.jvp(ref, (x,), (t,))
+    y, tangent = torch.func.jvp(make().double(), (x,), (t,))
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tangent, t_ref, rtol=1e-10, atol=1e-10)
+
+
 # --------------------------------------------------------------------- autocast
 
 MODULES = [
@@ -158,11 +186,12 @@ MODULES = [
 ]
 
 
-def _errors(m: nn.Module, x: Tensor, dy: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+def _errors(m: nn.Module, x: Tensor, dy: Tensor, dtype: torch.dtype, randomise: bool = True
+            ) -> tuple[Tensor, ...]:
     """Output and input gradient of m under autocast(dtype), and their errors against m in
     float64 on the same rounded input, relative to the largest float64 value (Batch Renorm's
     d shifts its outputs, so absolute errors would compare different magnitudes)."""
-    low = _randomised(m, 5)
+    low = _randomised(m, 5) if randomise else m
     high = copy.deepcopy(low).double()
     with torch.autocast("cpu", dtype=dtype):
         xl = x.to(dtype).requires_grad_()
@@ -173,6 +202,20 @@ def _errors(m: nn.Module, x: Tensor, dy: Tensor, dtype: torch.dtype) -> tuple[Te
     (gh,) = torch.autograd.grad(yh, xh, dy.to(dtype).double())
     return (yl, gl, (yl.double() - yh).abs().max() / yh.abs().max(),
             (gl.double() - gh).abs().max() / gh.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_frozen_under_autocast_runs_like_torch_eval_within_4x_its_error(dtype):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, C, 4, 4, generator=g) * 3 + 5
+    dy = torch.randn(16, C, 4, 4, generator=g)
+    ref = _randomised(nn.BatchNorm2d(C), 9).eval()
+    frozen = FrozenBatchNorm2d(C)
+    frozen.load_state_dict(ref.state_dict())
+    y, gx, err_y, err_g = _errors(frozen, x, dy, dtype, randomise=False)
+    ty, tgx, terr_y, terr_g = _errors(ref, x, dy, dtype, randomise=False)
+    assert y.dtype == ty.dtype == dtype and gx.dtype == tgx.dtype == dtype
+    assert err_y <= 4 * terr_y and err_g <= 4 * terr_g
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

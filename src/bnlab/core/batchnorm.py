@@ -131,12 +131,14 @@ class _BatchNorm:
             if self.running_mean is None or self.running_var is None:
                 raise RuntimeError("running statistics are tracked but missing")
             self.num_batches_tracked = (self.num_batches_tracked or 0) + 1
-            factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-            new_mean, new_var = F.update_running_stats(
-                self.running_mean, self.running_var, cache.mean, cache.var_unbiased, factor
-            )
-            self.running_mean[...] = new_mean  # in place: references to the buffer stay valid
-            self.running_var[...] = new_var
+            if cache.count:  # an empty batch is counted, its statistics unused (as torch)
+                factor = 1.0 / self.num_batches_tracked if self.momentum is None \
+                    else self.momentum
+                new_mean, new_var = F.update_running_stats(
+                    self.running_mean, self.running_var, cache.mean, cache.var_unbiased, factor
+                )
+                self.running_mean[...] = new_mean  # in place: references to the buffer stay
+                self.running_var[...] = new_var  # valid
         self._cache = cache
         return y
 
@@ -186,6 +188,15 @@ class _BatchNorm:
                 self.num_batches_tracked = int(value)
             else:
                 getattr(self, key)[...] = value  # in place, cast to the layer's dtype
+
+    def reset_running_stats(self) -> None:
+        """running_mean 0, running_var 1, num_batches_tracked 0, in place (torch's method;
+        nothing to reset without tracked statistics)."""
+        if self.track_running_stats and self.running_mean is not None \
+                and self.running_var is not None:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
 
     def __repr__(self) -> str:
         return (

@@ -113,7 +113,8 @@ def _as_ncm(x: np.ndarray, dtype: np.dtype, channels_last: bool) -> FloatArray:
     if channels_last:
         last = np.ascontiguousarray(np.moveaxis(x, 1, -1), dtype=dtype)
         return last.reshape(-1, x.shape[1], 1)
-    return np.ascontiguousarray(x, dtype=dtype).reshape(x.shape[0], x.shape[1], -1)
+    positions = int(np.prod(x.shape[2:]))  # explicit: -1 is ambiguous for an empty batch
+    return np.ascontiguousarray(x, dtype=dtype).reshape(x.shape[0], x.shape[1], positions)
 
 
 def _from_ncm(a: FloatArray, shape: tuple[int, ...], channels_last: bool) -> FloatArray:
@@ -152,6 +153,10 @@ def batch_norm_forward(
     channels_last = _is_channels_last(x)
     x3 = _as_ncm(x, cdt, channels_last)
     n = x3.shape[0] * x3.shape[2]
+    if training and not eps > 0:
+        raise ValueError(f"eps must be > 0 in training (batch statistics), got {eps}")
+    if training and n == 0:
+        return _empty_batch_forward(x, weight, eps, cdt, channels_last)
 
     if training:
         if n <= 1:
@@ -199,6 +204,21 @@ def batch_norm_forward(
     return _from_ncm(y, x.shape, channels_last).astype(x.dtype, copy=False), cache
 
 
+def _empty_batch_forward(x: np.ndarray, weight: np.ndarray | None, eps: float,
+                         cdt: np.dtype, channels_last: bool) -> tuple[np.ndarray, BatchNormCache]:
+    """An empty training batch, as torch: an empty output, and a cache whose backward gives
+    an empty dx and zero parameter gradients (``count == 0``: no statistics to record)."""
+    channels = x.shape[1]
+    zeros = np.zeros(channels, cdt)
+    cache = BatchNormCache(
+        shape=x.shape, dtype=x.dtype, training=True,
+        invstd=np.full(channels, 1.0 / np.sqrt(eps), cdt), weight=weight,
+        centred=_as_ncm(x, cdt, channels_last), residual=zeros, x=None, mean=zeros,
+        var=zeros, count=0, channels_last=channels_last,
+    )
+    return x.astype(x.dtype, copy=True), cache
+
+
 def _scale_and_shift(
     weight: np.ndarray | None, bias: np.ndarray | None, channels: int, cdt: np.dtype
 ) -> tuple[FloatArray, FloatArray]:
@@ -225,6 +245,9 @@ def batch_norm_backward(
         )
     cdt = compute_dtype(cache.dtype)
     dy3 = _as_ncm(dy, cdt, cache.channels_last)
+    if cache.count == 0:  # an empty batch: an empty dx and zero gradients, as torch
+        zero = None if cache.weight is None else np.zeros_like(cache.weight)
+        return dy.astype(cache.dtype, copy=True), zero, None if zero is None else zero.copy()
     weight = cache.weight
     gain = cache.invstd if weight is None else cache.invstd * weight.astype(cdt)
 

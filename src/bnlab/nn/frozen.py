@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from bnlab.nn._base import (
     RANKS,
+    accumulation_dtype,
     channel_view,
     check_input,
     check_options,
@@ -120,9 +121,10 @@ class _FrozenBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self._ranks, self._shape_text)
         scale, shift = self.scale_shift()
-        return torch.addcmul(
-            channel_view(shift, x.dim()), x, channel_view(scale, x.dim())
-        )
+        y = torch.addcmul(channel_view(shift, x.dim()), x, channel_view(scale, x.dim()))
+        # A float16/bfloat16 input (CPU autocast) is computed against the float32 buffers
+        # and rounded once, back to the input's dtype, as torch's BN returns it.
+        return y.to(x.dtype) if accumulation_dtype(x.dtype) != x.dtype else y
 
 
 def _doc(dim: int) -> str:

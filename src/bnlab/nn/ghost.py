@@ -259,6 +259,14 @@ def _broadcast_affine(t3: Tensor, a: Tensor, b: Tensor, chunks: _Chunks) -> Tens
     return out
 
 
+def _rows(x: Tensor) -> Tensor:
+    """x as (N, C, L) in the accumulation dtype: a view of a contiguous float32/float64
+    input; a copy for channels-last and other strides, and for half precision (normalised
+    in float32, as torch's BN does, and rounded once at the end)."""
+    n, c = x.shape[0], x.shape[1]
+    return x.detach().contiguous().view(n, c, -1).to(accumulation_dtype(x.dtype))
+
+
 def _like_input(t3: Tensor, x: Tensor) -> Tensor:
     """A (N, C, L) result as x's shape, dtype and memory format (channels-last kept, as
     torch's BN keeps it)."""
@@ -282,23 +290,26 @@ class _GhostFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                chunks: _Chunks, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        n, c = x.shape[0], x.shape[1]
-        acc = accumulation_dtype(x.dtype)
-        # (N, C, L) views; channels-last and other strides: one copy. Half-precision input
-        # is normalised in float32 (as torch's BN does), then rounded once.
-        x3 = x.contiguous().view(n, c, -1).to(acc)
-        mean, var = _chunk_moments(x3, chunks, acc)
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, chunks: _Chunks,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        x3 = _rows(x)
+        mean, var = _chunk_moments(x3, chunks, x3.dtype)
         invstd = (var + eps).rsqrt()
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
+        scale = invstd if weight is None else invstd * weight.to(x3.dtype)
+        shift = -mean * scale if bias is None else bias.to(x3.dtype) - mean * scale
         y = _broadcast_affine(x3, scale, shift, chunks)
+        return _like_input(y, x), mean, var
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, weight, bias, chunks, eps = inputs
+        _, mean, var = output
+        x3 = _rows(x)  # a view of a contiguous input: free; else a second copy
+        invstd = (var + eps).rsqrt()
         ctx.save_for_backward(x, x3, weight, bias, mean, invstd)
         ctx.save_for_forward(x, x3, weight, mean, invstd)
         ctx.eps, ctx.chunks = eps, chunks
         ctx.mark_non_differentiable(mean, var)
-        return _like_input(y, x), mean, var
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:

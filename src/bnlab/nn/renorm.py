@@ -199,14 +199,17 @@ class _Renorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
                 var: Tensor, r: Tensor, d: Tensor, eps: float) -> Tensor:
         w, b = _renorm_affine(weight, bias, r, d)
-        y = F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
-        ctx.save_for_backward(x, weight, bias, mean, var, r, d)
-        ctx.save_for_forward(x, weight, bias, mean, var, r, d)
+        return F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        *tensors, eps = inputs  # x, weight, bias, mean, var, r, d
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
         ctx.eps = eps
-        return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:

@@ -162,7 +162,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -180,10 +179,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         y = (x.to(acc) - channel_view(mean.to(acc), nd)) * channel_view(scale.to(acc), nd)
         if bias is not None:
             y = y + channel_view(bias.to(acc), nd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, bias, mean, invstd, count, group, eps = inputs
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.save_for_forward(x, weight, bias, mean, invstd)
         ctx.count, ctx.group, ctx.eps = count, group, eps
-        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
