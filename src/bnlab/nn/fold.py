@@ -14,6 +14,7 @@ from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.replace import convert_layer, is_batchnorm
 from bnlab.nn.rewrite import (
     FOLDABLE,
+    Entry,
     NormAct,
     RewriteReport,
     RewriteWarning,
@@ -366,6 +367,12 @@ def fold_bn(model: nn.Module, *, report: bool = False) -> Any:
         result = work
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rep.entries.sort(key=lambda e: order.get(e.layer, len(order)))
+    fused = set(renamed.values())  # BN + tail subclasses: say that the tail stays
+    rep.entries = [
+        Entry(e.layer, e.action, f"{e.detail}; its tail kept after it")
+        if e.layer in fused and e.action in ("folded", "affine") else e
+        for e in rep.entries
+    ]
     result.eval()
     result.folded_pairs = count  # type: ignore[assignment]
     return (result, rep) if report else result
