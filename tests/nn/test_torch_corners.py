@@ -75,6 +75,8 @@ def test_empty_batch_gives_empty_output_and_zero_grads_like_torch(make, shape):
         torch.testing.assert_close(got, expected, **TOL)  # zeros for weight and bias
     _buffers_equal(ours, ref)  # statistics unchanged, the batch counted, as torch
     assert int(ours.num_batches_tracked) == 1
+    if isinstance(ours, BatchRenorm2d):
+        assert int(ours.warmup_step) == 1, "the warm-up counts with num_batches_tracked"
     ours.eval(), ref.eval()
     assert ours(x).shape == ref(x).shape == shape
 

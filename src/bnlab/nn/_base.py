@@ -293,13 +293,14 @@ class GuardedBatchNorm(_BatchNorm):
                     stacklevel=4,
                 )
             return False
-        return self._count(update_running_stats(self, (mean, var_unbiased)))
+        return self._record((mean, var_unbiased))
 
-    def _count(self, updated: bool) -> bool:
-        """After an update: let the subclass advance what counts with the batches."""
-        if updated:
+    def _record(self, stats: tuple[Tensor, Tensor] | None) -> bool:
+        """:func:`update_running_stats`, then the subclass's hook when the batch counted."""
+        counted = update_running_stats(self, stats)
+        if counted:
             self._counted()
-        return updated
+        return counted
 
     def _counted(self) -> None:
         """Hook called once per counted training batch (Batch Renorm's warm-up)."""
@@ -313,7 +314,7 @@ class GuardedBatchNorm(_BatchNorm):
                 # An empty batch, as torch: empty output, zero parameter gradients, counted
                 # in num_batches_tracked with the statistics unchanged.
                 check_training_eps(self)
-                self._count(update_running_stats(self, None))
+                self._record(None)
                 return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
             return self._train_forward(x)
         if self.running_mean is None or self.running_var is None:

@@ -136,7 +136,8 @@ class _GhostBatchNorm(GuardedBatchNorm):
         if v >= n:
             k, v = 1, n  # one chunk: exactly BatchNorm
         chunks = _Chunks(n, v, k, tail)
-        out, means, variances = _GhostFunction.apply(x, self.weight, self.bias, chunks, self.eps)
+        out, means, variances, _ = _GhostFunction.apply(x, self.weight, self.bias, chunks,
+                                                        self.eps)
         if tracks_running_stats(self):
             with torch.no_grad():
                 self._update_from_chunks(means, variances,
@@ -291,28 +292,28 @@ class _GhostFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, chunks: _Chunks,
-                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x3 = _rows(x)
         mean, var = _chunk_moments(x3, chunks, x3.dtype)
         invstd = (var + eps).rsqrt()
         scale = invstd if weight is None else invstd * weight.to(x3.dtype)
         shift = -mean * scale if bias is None else bias.to(x3.dtype) - mean * scale
         y = _broadcast_affine(x3, scale, shift, chunks)
-        return _like_input(y, x), mean, var
+        # x3 is returned only so that setup_context can keep it without a second copy.
+        return _like_input(y, x), mean, var, x3
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         x, weight, bias, chunks, eps = inputs
-        _, mean, var = output
-        x3 = _rows(x)  # a view of a contiguous input: free; else a second copy
+        _, mean, var, x3 = output
         invstd = (var + eps).rsqrt()
         ctx.save_for_backward(x, x3, weight, bias, mean, invstd)
         ctx.save_for_forward(x, x3, weight, mean, invstd)
         ctx.eps, ctx.chunks = eps, chunks
-        ctx.mark_non_differentiable(mean, var)
+        ctx.mark_non_differentiable(mean, var, x3)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: Tensor, *_constants: Any) -> tuple[Any, ...]:
         x, x3, weight, bias, mean, invstd = ctx.saved_tensors
         chunks: _Chunks = ctx.chunks
         if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable form
@@ -338,7 +339,7 @@ class _GhostFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
-            *_constant_tangents: Any) -> tuple[Tensor, None, None]:
+            *_constant_tangents: Any) -> tuple[Tensor, None, None, None]:
         """Forward-mode AD, with x̂ = (x − μ_j)·invstd_j and E the mean over chunk j::
 
             x̂' = invstd_j·(x' − E[x'] − x̂·E[x̂·x']),    y' = γ·x̂' + γ'·x̂ + β'
@@ -364,7 +365,7 @@ class _GhostFunction(torch.autograd.Function):
                 part = part + bias_t.to(x3.dtype).view(c, 1)
             parts.append(part.reshape(-1, c, x3.shape[2]))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return _like_input(out, x), None, None
+        return _like_input(out, x), None, None, None
 
 
 def _ghost_differentiable(x: Tensor, weight: Tensor | None, bias: Tensor | None,
