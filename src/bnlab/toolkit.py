@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,15 +85,25 @@ def fold_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str]) -
     path = checkpoint_path(path)
     info = read_checkpoint_info(path)
     model, config = load_checkpoint(path)
-    folded = fold_bn(model)
+    folded, report = fold_bn(model, report=True)
     x = torch.randn(8, *info.in_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = float((folded(x) - model(x)).abs().max())
     save_checkpoint(out, folded, config, in_shape=info.in_shape, num_classes=info.num_classes,
                     format=FOLDED, folded_from=path)
     pairs = getattr(folded, "folded_pairs", 0)
+    others = len(report.entries) - pairs
+    unfolded = f" ({others} other BN layer(s): {_actions(report)})" if others else ""
     return (
-        f"folded {pairs} Conv/Linear+BN pair(s) of {path} ({config.model}, norm={config.norm}); "
-        f"max |folded - original| on a random batch {diff:.2e}; wrote {out}"
+        f"folded {pairs} Conv/Linear+BN pair(s) of {path} ({config.model}, norm={config.norm})"
+        f"{unfolded}; max |folded - original| on a random batch {diff:.2e}; wrote {out}"
     )
 
+
+def _actions(report: Any) -> str:
+    """'2 affine, 1 left' for the entries of a fold report that were not folded."""
+    counts: dict[str, int] = {}
+    for entry in report.entries:
+        if entry.action != "folded":
+            counts[entry.action] = counts.get(entry.action, 0) + 1
+    return ", ".join(f"{n} {action}" for action, n in counts.items())

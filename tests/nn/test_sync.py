@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from bnlab.nn import SyncBatchNorm, convert_sync_batchnorm
+from bnlab.nn.rewrite import RewriteWarning
 
 TOL = 1e-9
 C = 3
@@ -414,7 +415,8 @@ def test_convert_keeps_state_mode_and_requires_grad() -> None:
     params_before = {n: p for n, p in net.named_parameters()}
     state_before = {k: v.clone() for k, v in net.state_dict().items()}
 
-    out = convert_sync_batchnorm(net)
+    with pytest.warns(RewriteWarning, match=r"converted 2 of 3 .*custom \(_CustomBN"):
+        out = convert_sync_batchnorm(net)
 
     assert out is net
     assert type(net.bn2) is SyncBatchNorm and type(net.block[2]) is SyncBatchNorm
@@ -441,7 +443,8 @@ def test_convert_root_batchnorm_and_toolkit_modules() -> None:
     assert type(new) is SyncBatchNorm and new.weight is None and new.running_mean is None
     toolkit = nn.Sequential(BatchRenorm2d(4), GhostBatchNorm2d(4, 2), FrozenBatchNorm2d(4))
     layers = list(toolkit)
-    assert convert_sync_batchnorm(toolkit) is toolkit
+    with pytest.warns(RewriteWarning, match="converted 0 of 3 batch-norm layer"):
+        assert convert_sync_batchnorm(toolkit) is toolkit
     assert list(toolkit) == layers, "renorm, ghost and frozen layers are left as they are"
     torch_sync = nn.SyncBatchNorm(4)
     assert type(convert_sync_batchnorm(torch_sync)) is SyncBatchNorm

@@ -20,6 +20,7 @@ from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnlab.nn.recalibrate import recalibrate_bn
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from bnlab.nn.replace import freeze_bn, name_bn_layers, replace_norm, unfreeze_bn
+from bnlab.nn.rewrite import NormAct, RewriteReport, RewriteWarning
 from bnlab.nn.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -34,6 +35,9 @@ __all__ += [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "NormAct",
+    "RewriteReport",
+    "RewriteWarning",
     "fold_bn",
     "freeze_bn",
     "name_bn_layers",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from bnlab._progress import progress as progress_iter
 from bnlab.nn._base import channel_view, reduce_dims
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.replace import batchnorm_layers
+from bnlab.nn.rewrite import Entry, RewriteReport, RewriteWarning, bn_form
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 _FAST_DEVICES = ("cpu", "cuda")
@@ -82,7 +84,8 @@ def recalibrate_bn(
     progress: bool = True,
     *,
     layerwise: bool = True,
-) -> nn.Module:
+    report: bool = False,
+) -> Any:
     """Set every BN layer's running statistics to the exact statistics of the given data.
 
     For each batch-norm layer with running statistics (torch's and bnlab's; frozen layers are
@@ -114,6 +117,14 @@ def recalibrate_bn(
     already close, but not inference-consistent when they were stale (after weight
     averaging, say).
 
+    Layers the forward never reaches in eval mode (a branch used only in training, such as
+    an auxiliary classifier head) are skipped: their statistics stay exactly as they were,
+    and a ``RewriteWarning`` names them. If no layer at all is reached, ``ValueError``. A BN
+    subclass that cannot be proven to normalise its input as plain BN does
+    (:func:`bnlab.nn.rewrite.bn_form`: it is neither plain nor BN followed by an
+    activation) is skipped the same way, since its input's statistics need not be what it
+    normalises.
+
     Each module's train/eval mode is restored and the hooks removed, in ``finally``. If
     anything raises (the loader, or the model), every running statistic is put back as it
     was. The statistics are computed directly, so momentum is never changed (nor needed);
@@ -127,9 +138,11 @@ def recalibrate_bn(
         num_batches: use at most this many batches (default: all).
         progress: show a progress bar / lines (default True).
         layerwise: one pass per layer, inference-consistent (default); False: one pass.
+        report: also return a :class:`~bnlab.nn.rewrite.RewriteReport` (every layer
+            ``"recalibrated"`` or ``"skipped"``, with the reason).
 
     Returns:
-        ``model`` (changed in place).
+        ``model`` (changed in place); ``(model, report)`` with ``report=True``.
 
     Example::
 
@@ -145,13 +158,26 @@ def recalibrate_bn(
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0
     ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
-    layers: list[tuple[str, Any]] = [
+    candidates: list[tuple[str, Any]] = [
         (name or type(m).__name__, m)
         for name, m in batchnorm_layers(model)
         if not isinstance(m, _FrozenBatchNorm) and getattr(m, "running_mean", None) is not None
     ]
-    if not layers:
+    if not candidates:
         raise ValueError("model has no batch-norm layer with running statistics to recalibrate")
+    rep = RewriteReport("recalibrate_bn")
+    layers: list[tuple[str, Any]] = []
+    for name, m in candidates:
+        form = bn_form(m)
+        if form.kind == "unproven":
+            rep.add(name, "skipped", form.reason)
+        else:
+            layers.append((name, m))
+    if not layers:
+        raise ValueError(
+            "recalibrate_bn: no batch-norm layer it can recalibrate: "
+            + "; ".join(f"{e.layer}: {e.detail}" for e in rep.entries)
+        )
     device = next(itertools.chain(model.parameters(), model.buffers())).device
 
     modes = {m: m.training for m in model.modules()}
@@ -186,9 +212,18 @@ def recalibrate_bn(
         if _run(model, _inputs(source, kept), device, passes, total, progress) == 0:
             raise ValueError("recalibrate_bn got no batches")
         _remove(handles)
-        order = [*reached.values(), *(e for e in layers if id(e[1]) not in reached)]
+        if not reached:
+            raise ValueError(
+                "recalibrate_bn: the model's forward in eval mode reached none of its "
+                f"{len(layers)} batch-norm layer(s); nothing to recalibrate"
+            )
+        order = list(reached.values())
+        for name, layer in layers:
+            if id(layer) not in reached:
+                rep.add(name, "skipped", "never reached by the forward in eval mode (a "
+                        "training-only branch?); statistics unchanged")
         if kept is None:
-            for name, layer in layers:
+            for name, layer in order:
                 _write(name, layer, moments[id(layer)])
         else:
             _write(*order[0], moments[id(order[0][1])])
@@ -209,6 +244,7 @@ def recalibrate_bn(
                 _run(model, kept, device, f" (pass {i} of {len(order)})", len(kept), progress)
                 _remove(handles)
                 _write(name, layer, acc)
+        rep.entries[:0] = [Entry(name, "recalibrated", "") for name, _ in order]
         done = True
     finally:
         _remove(handles)
@@ -219,7 +255,16 @@ def recalibrate_bn(
                 for (_, layer), (mean, var) in zip(layers, saved, strict=True):
                     layer.running_mean.copy_(mean)
                     layer.running_var.copy_(var)
-    return model
+    skipped = [e for e in rep.entries if e.action == "skipped"]
+    if skipped:
+        warnings.warn(
+            f"recalibrate_bn: recalibrated {rep.count('recalibrated')} batch-norm layer(s), "
+            f"left {len(skipped)} unchanged: "
+            + "; ".join(f"{e.layer} ({e.detail})" for e in skipped),
+            RewriteWarning,
+            stacklevel=2,
+        )
+    return (model, rep) if report else model
 
 
 def _inputs(batches: Iterable[Any], kept: list[Tensor] | None) -> Iterator[Tensor]:

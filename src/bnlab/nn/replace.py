@@ -18,6 +18,7 @@ from bnlab.nn._base import GuardedBatchNorm
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.kinds import BN_KINDS, bn_kind
 from bnlab.nn.renorm import _BatchRenorm
+from bnlab.nn.rewrite import NormAct, RewriteReport, bn_form, rewrite_modules, warn
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -105,32 +106,55 @@ def convert_layer(module: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     return new
 
 
-def _replace_where(model: nn.Module, pick: Any, make: Any) -> nn.Module:
-    """Replace every submodule ``m`` with ``pick(m)`` by ``make(m)``; returns the new root."""
-    if pick(model):
-        return make(model)
-    done: dict[int, nn.Module] = {}  # a module registered twice is converted once
-    for parent in list(model.modules()):
-        # _modules, not named_children(): the latter skips a child registered twice.
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and pick(child):
-                if id(child) not in done:
-                    done[id(child)] = make(child)
-                setattr(parent, child_name, done[id(child)])
-    return model
+def _rewrite_bn(model: nn.Module, function: str, pick: Any, convert: Any,
+                action: str) -> tuple[nn.Module, RewriteReport]:
+    """Replace each picked BN layer by ``convert(layer)``, keeping a subclass's tail.
+
+    ``plain`` layers are converted; a ``tail`` subclass becomes NormAct(converted, its drop,
+    its act); an ``unproven`` one is left, reported and warned about (see
+    :mod:`bnlab.nn.rewrite`). A conversion that raises ``ValueError`` for one layer
+    raises, naming the layer.
+    """
+    report = RewriteReport(function)
+
+    def make(name: str, layer: nn.Module) -> nn.Module | None:
+        form = bn_form(layer)
+        if form.kind == "unproven":
+            report.add(name, "left", form.reason)
+            warn(function, name, form.reason)
+            return None
+        try:
+            new = form.wrap(convert(layer))
+        except ValueError as exc:
+            raise ValueError(f"{function}: layer {name!r}: {exc}") from None
+        norm = new.norm if isinstance(new, NormAct) else new
+        kept = f" + {', '.join(n for n, _ in form.tail)} kept" if form.tail else ""
+        if getattr(layer, "running_mean", None) is None and norm.running_mean is not None:
+            # e.g. renorm needs running statistics: they start at mean 0, variance 1
+            kept += " (it had no running statistics: the new ones start at 0 and 1)"
+        report.add(name, action, f"{type(layer).__name__} -> {type(norm).__name__}{kept}")
+        return new
+
+    return rewrite_modules(model, pick, make), report
 
 
-def replace_norm(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
+def replace_norm(model: nn.Module, kind: str, *, report: bool = False, **kwargs: Any) -> Any:
     """Convert every batch-norm layer of ``model`` to ``kind``, in place, keeping its state.
 
     ``kind``: ``"bn"`` (torch's BatchNorm1d/2d/3d), ``"renorm"`` (:class:`BatchRenorm2d` …),
     ``"ghost"`` (:class:`GhostBatchNorm2d` …, needs ``virtual_batch_size=``), ``"frozen"``
-    (:class:`FrozenBatchNorm2d` …) or ``"sync"`` (``bnlab.nn.SyncBatchNorm`` via
-    ``bnlab.nn.sync.convert_sync_batchnorm``; kwargs go to it, e.g. ``process_group``).
-    ``kwargs`` go to each new layer's constructor (``r_max=``, ``small_batch=`` …). Weight,
-    bias, running statistics, ``num_batches_tracked``, eps, momentum, affine and the train/
-    eval mode are carried over. Returns the model (a new module if ``model`` itself is a BN
-    layer). bnlab's layers get their qualified name for warnings.
+    (:class:`FrozenBatchNorm2d` …) or ``"sync"`` (``bnlab.nn.SyncBatchNorm``; every BN
+    layer, bnlab's included, becomes synchronised plain BN; ``process_group=`` is the only
+    kwarg). ``kwargs`` go to each new layer's constructor (``r_max=``, ``small_batch=`` …).
+    Weight, bias, running statistics, ``num_batches_tracked``, eps, momentum, affine and the
+    train/eval mode are carried over. Returns the model (a new module if ``model`` itself is
+    a BN layer); with ``report=True``, ``(model, RewriteReport)``. bnlab's layers get their
+    qualified name for warnings.
+
+    BN subclasses (:mod:`bnlab.nn.rewrite`): one proven to be BN followed by its own
+    drop/activation (timm's ``BatchNormAct2d``) becomes ``NormAct(new layer, drop, act)``,
+    the same drop and activation modules after the new normalisation; one that cannot be
+    proven safe is left unchanged with a ``RewriteWarning`` naming it.
 
     Example::
 
@@ -144,43 +168,53 @@ def replace_norm(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     if kind == "sync":
         from bnlab.nn.sync import convert_sync_batchnorm
 
-        # convert_sync_batchnorm converts torch's BatchNorm only: bring bnlab's layers there
-        # first (every BN becomes synchronised; renorm/ghost/frozen behaviour is dropped).
-        plain = _replace_where(
-            model,
+        # convert_sync_batchnorm converts torch's BatchNorm only: bring every other BN layer
+        # there first (renorm/ghost/frozen behaviour is dropped: all become synchronised).
+        model, rep = _rewrite_bn(
+            model, "replace_norm",
             lambda m: isinstance(m, (GuardedBatchNorm, _FrozenBatchNorm))
             and batchnorm_dim(m) is not None,
-            lambda m: convert_layer(m, "bn"),
+            lambda m: convert_layer(m, "bn"), "replaced",
         )
-        return name_bn_layers(convert_sync_batchnorm(plain, **kwargs))
+        model, sync_rep = convert_sync_batchnorm(model, report=True, **kwargs)
+        rep.entries += sync_rep.entries
+        model = name_bn_layers(model)
+        return (model, rep) if report else model
     if kind == "ghost" and "virtual_batch_size" not in kwargs:
         raise ValueError("replace_norm(model, 'ghost', ...) needs virtual_batch_size=<int>")
-    model = _replace_where(model, is_batchnorm, lambda m: convert_layer(m, kind, **kwargs))
-    return name_bn_layers(model)
+    model, rep = _rewrite_bn(model, "replace_norm", is_batchnorm,
+                             lambda m: convert_layer(m, kind, **kwargs), "replaced")
+    model = name_bn_layers(model)
+    return (model, rep) if report else model
 
 
-def freeze_bn(model: nn.Module) -> nn.Module:
+def freeze_bn(model: nn.Module, *, report: bool = False) -> Any:
     """Replace every batch-norm layer by a :class:`FrozenBatchNorm2d` (etc.), in place.
 
     The frozen layers compute ``y = (x − running_mean)/sqrt(running_var + eps)·weight +
     bias`` in train and eval mode alike and hold no parameters. Returns the model (a new
-    module if ``model`` itself is a BN layer). A layer without running statistics raises
-    ``ValueError``.
+    module if ``model`` itself is a BN layer); with ``report=True``, ``(model,
+    RewriteReport)``. A layer without running statistics raises ``ValueError``. BN
+    subclasses are handled as in :func:`replace_norm` (a BN+activation layer becomes
+    ``NormAct(frozen, drop, act)``; an unproven one is left with a warning).
     """
-    return replace_norm(model, "frozen")
+    return replace_norm(model, "frozen", report=report)
 
 
-def unfreeze_bn(model: nn.Module) -> nn.Module:
+def unfreeze_bn(model: nn.Module, *, report: bool = False) -> Any:
     """Turn every frozen BN layer back into torch's ``BatchNorm1d/2d/3d``, in place.
 
     Weight and bias become trainable parameters again; running statistics, eps, affine,
-    ``num_batches_tracked`` and the momentum recorded when it was frozen are kept.
+    ``num_batches_tracked`` and the momentum recorded when it was frozen are kept. A
+    ``NormAct`` made by :func:`freeze_bn` keeps its drop and activation (its ``norm``
+    becomes the BN); the original fused subclass is not rebuilt. With ``report=True``,
+    ``(model, RewriteReport)``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return _replace_where(
-        model, lambda m: isinstance(m, _FrozenBatchNorm), lambda m: convert_layer(m, "bn")
-    )
+    model, rep = _rewrite_bn(model, "unfreeze_bn", lambda m: isinstance(m, _FrozenBatchNorm),
+                             lambda m: convert_layer(m, "bn"), "replaced")
+    return (model, rep) if report else model
 
 
 __all__ = [

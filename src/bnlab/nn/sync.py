@@ -344,9 +344,9 @@ class SyncBatchNorm(_BatchNorm):
         return out
 
 
-# Exactly these classes are converted. Subclasses with their own forward (Batch Renorm,
-# Ghost BN, frozen BN, lazy modules) are left as they are: their statistics are not the
-# plain batch statistics that this layer synchronises.
+# These classes and their plain-form subclasses are converted (a BN+activation subclass keeps
+# its tail). bnlab's Batch Renorm, Ghost BN and frozen BN are left as they are: their
+# statistics are not the plain batch statistics that this layer synchronises.
 _CONVERTIBLE: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
@@ -355,49 +355,74 @@ _CONVERTIBLE: tuple[type[nn.Module], ...] = (
 )
 
 
-def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -> nn.Module:
+def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None, *,
+                           report: bool = False) -> Any:
     """Replace every plain batch-norm layer in ``model`` by :class:`SyncBatchNorm`.
 
-    Converted: modules whose exact class is ``torch.nn.BatchNorm1d/2d/3d`` or
-    ``torch.nn.SyncBatchNorm``. Not converted (left untouched): bnlab's Batch Renorm, Ghost
-    BN and frozen BN (their statistics are per virtual batch, corrected, or fixed, so
-    synchronising plain batch statistics would change what they compute; a frozen layer
-    stays frozen), lazy BN modules, and any other subclass.
+    Converted: ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``, and their
+    subclasses that override nothing of theirs (a custom ``__init__`` is fine). A subclass
+    proven to be BN followed by its own drop/activation (timm's ``BatchNormAct2d``, see
+    :mod:`bnlab.nn.rewrite`) becomes ``NormAct(SyncBatchNorm, drop, act)``: synchronised,
+    the same drop and activation after it. Left untouched, and reported: bnlab's Batch
+    Renorm, Ghost BN and frozen BN (their statistics are per virtual batch, corrected, or
+    fixed, so synchronising plain batch statistics would change what they compute; a frozen
+    layer stays frozen), lazy BN modules, and subclasses that cannot be proven safe. When
+    any layer is left, a ``RewriteWarning`` says how many of the model's BN layers were
+    converted and names the others with the reason, so a network that ends up without
+    synchronisation never does so silently.
 
     The new layer *shares* the old one's parameter and buffer tensors (so an optimizer
     built before the conversion still updates the right tensors) and keeps ``eps``,
-    ``momentum``, ``requires_grad`` and train/eval mode. Hooks registered on the old
-    module are not carried over. Children are replaced in place; a layer that occurs
-    several times in the model is converted once and stays shared. Returns the model, or
-    the new layer when ``model`` itself is a batch-norm layer.
+    ``momentum``, ``requires_grad`` and train/eval mode. A layer with forward hooks is left
+    as it is (the new layer would not run them). Children
+    are replaced in place; a layer that occurs several times in the model is converted once
+    and stays shared. Returns the model, or the new layer when ``model`` itself is a
+    batch-norm layer; with ``report=True``, ``(model, RewriteReport)``.
     """
-    return _convert(model, process_group, {})
+    from bnlab.nn.replace import is_batchnorm
+    from bnlab.nn.rewrite import RewriteReport, RewriteWarning, bn_form, rewrite_modules
 
+    rep = RewriteReport("convert_sync_batchnorm")
 
-def _convert(module: nn.Module, process_group: Any | None, memo: dict[int, nn.Module]) -> nn.Module:
-    if id(module) in memo:
-        return memo[id(module)]
-    if type(module) in _CONVERTIBLE:
-        bn: Any = module
+    def make(name: str, layer: nn.Module) -> nn.Module | None:
+        bn: Any = layer
+        if isinstance(bn, SyncBatchNorm):
+            rep.add(name, "left", "already bnlab's SyncBatchNorm")
+            return None
+        if not isinstance(bn, _CONVERTIBLE) or isinstance(bn, nn.modules.lazy.LazyModuleMixin):
+            rep.add(name, "left", f"{type(bn).__name__} is not plain batch norm: its "
+                    "statistics are not the batch statistics SyncBatchNorm synchronises")
+            return None
+        form = bn_form(bn)
+        if form.kind == "unproven":
+            rep.add(name, "left", form.reason)
+            return None
+        src: Any = layer  # a _BatchNorm: its configuration attributes
         new = SyncBatchNorm(
-            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+            src.num_features, src.eps, src.momentum, src.affine, src.track_running_stats,
             process_group,
         )
         with torch.no_grad():
-            for name in ("weight", "bias"):
-                new.register_parameter(name, getattr(bn, name))
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                new.register_buffer(name, getattr(bn, name))
+            for key in ("weight", "bias"):
+                new.register_parameter(key, getattr(bn, key))
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                new.register_buffer(key, getattr(bn, key))
         new.train(bn.training)
-        memo[id(module)] = new
-        return new
-    memo[id(module)] = module
-    # _modules, not named_children(): the latter skips a child seen under another name,
-    # which would leave the second reference to a shared layer unconverted.
-    for name, child in list(module._modules.items()):
-        if child is None:
-            continue
-        converted = _convert(child, process_group, memo)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+        kept = f" + {', '.join(n for n, _ in form.tail)} kept" if form.tail else ""
+        rep.add(name, "converted", f"{type(bn).__name__} -> SyncBatchNorm{kept}")
+        return form.wrap(new)
+
+    model = rewrite_modules(model, is_batchnorm, make)
+    left = [e for e in rep.entries if e.action == "left" and e.detail !=
+            "already bnlab's SyncBatchNorm"]
+    if left:
+        import warnings
+
+        warnings.warn(
+            f"convert_sync_batchnorm converted {rep.count('converted')} of {len(rep.entries)} "
+            "batch-norm layer(s); not synchronised: "
+            + "; ".join(f"{e.layer} ({e.detail})" for e in left),
+            RewriteWarning,
+            stacklevel=2,
+        )
+    return (model, rep) if report else model
