@@ -23,8 +23,8 @@ from contextlib import contextmanager, suppress
 from typing import NoReturn
 
 from bnlab import __version__
+from bnlab._argtypes import non_negative_int, positive_int
 from bnlab.errors import DISK_FULL, BnlabError, describe_os_error
-from bnlab.train._cli import positive_int as _positive_int
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -32,22 +32,12 @@ Handler = Callable[[argparse.Namespace], int]
 # --------------------------------------------------------------------------- verify
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
-
-
 MAX_THREADS = 256
 """More threads than this is no measurement (and thousands crash the thread pools)."""
 
 
 def _thread_count(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > MAX_THREADS:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
     return value
@@ -55,7 +45,7 @@ def _thread_count(text: str) -> int:
 
 def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--seed", type=_non_negative_int, default=0,
+        "--seed", type=non_negative_int, default=0,
         help="seed for the random test inputs (default: 0)"
     )
 
@@ -73,7 +63,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_thread_count, nargs="+", default=None,
                    help="thread counts to measure, both sides pinned to each "
                    "(default: 1 and all cores)")
-    p.add_argument("--reps", type=_positive_int, default=20,
+    p.add_argument("--reps", type=positive_int, default=20,
                    help="timed repetitions per measurement (the median is reported)")
     p.add_argument("--quick", action="store_true", help="measure the first shape only")
 
@@ -137,13 +127,13 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
                    help="auto (MNIST if found or downloadable, else digits), mnist, "
                    "fashion-mnist or digits")
     _add_data_args(p)
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="steps per run (default: 300 on 28x28 data, 400 on digits)")
-    p.add_argument("--eval-every", type=_positive_int, default=None,
+    p.add_argument("--eval-every", type=positive_int, default=None,
                    help="evaluate every K steps (default: a tenth of the steps)")
-    p.add_argument("--eval-subset", type=_positive_int, default=1000, metavar="N",
+    p.add_argument("--eval-subset", type=positive_int, default=1000, metavar="N",
                    help="evaluate on the first N test images")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse a non-empty --out that is not a previous demo")
@@ -173,7 +163,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     for q in (run, every):
         q.add_argument("--profile", choices=("smoke", "quick", "full"), default="quick",
                        help="smoke: seconds (pipeline check); quick: minutes; full: >= 3 seeds")
-        q.add_argument("--jobs", type=_positive_int, default=1,
+        q.add_argument("--jobs", type=positive_int, default=1,
                        help="runs in parallel (threads per run = cores // jobs)")
         q.add_argument("--out", default="bnlab-lab", help="results folder (resumable)")
         q.add_argument("--force", action="store_true",
@@ -222,9 +212,9 @@ def _add_recalibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None,
                    help="training split to measure on (default: the checkpoint's dataset)")
     _add_data_args(p)
-    p.add_argument("--num-batches", type=_positive_int, default=None,
+    p.add_argument("--num-batches", type=positive_int, default=None,
                    help="use the first N batches (default: the whole training split)")
-    p.add_argument("--batch-size", type=_positive_int, default=256,
+    p.add_argument("--batch-size", type=positive_int, default=256,
                    help="batch size for the statistics passes (the result does not depend on it)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="where to write (default: CHECKPOINT with .recalibrated.safetensors)")

@@ -7,17 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bnlab._argtypes import positive_int
 from bnlab.errors import BnlabError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,18 +22,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "then ~/.cache/bnlab)")
     p.add_argument("--no-download", action="store_true",
                    help="never download; fail if the files are not found locally")
-    p.add_argument("--num-batches", type=_positive_int, default=20,
+    p.add_argument("--num-batches", type=positive_int, default=20,
                    help="training batches for the dynamic checks")
-    p.add_argument("--batch-size", type=_positive_int, default=256,
+    p.add_argument("--batch-size", type=positive_int, default=256,
                    help="their size: use the per-device batch size you train with (the "
                    "tiny-batch and train-mode checks depend on it; recalibration does not)")
-    p.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--eval-subset", type=positive_int, default=None, metavar="N",
                    help="measure loss/accuracy on the first N test images (default: all)")
     p.add_argument("--half", action="store_true",
                    help="the model will run in float16 (float16 overflow is an error)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the re-batching and dropout of the dynamic checks")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--html", default=None, metavar="FILE",

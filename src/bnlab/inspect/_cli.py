@@ -5,35 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+from bnlab._argtypes import non_negative_float, positive_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,15 +23,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder holding mnist/ and fashion-mnist/")
     p.add_argument("--no-download", action="store_true", help="never download data")
-    p.add_argument("--steps", type=_positive_int, default=50,
+    p.add_argument("--steps", type=positive_int, default=50,
                    help="training steps for the update:data panel")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size")
-    p.add_argument("--lr", type=_positive_float, default=0.1, help="SGD learning rate")
-    p.add_argument("--momentum", type=_non_negative_float, default=0.0, help="SGD momentum")
-    p.add_argument("--init-scale", type=_positive_float, default=1.0,
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="SGD learning rate")
+    p.add_argument("--momentum", type=non_negative_float, default=0.0, help="SGD momentum")
+    p.add_argument("--init-scale", type=positive_float, default=1.0,
                    help="without CHECKPOINT: multiply every conv/linear weight after init")
     p.add_argument("--seed", type=int, default=0, help="seed for init and batch order")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--out", default="bnlab-inspect", metavar="DIR",
                    help="where the PNGs, stats.json and index.html go")
 

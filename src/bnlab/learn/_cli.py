@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
+from bnlab._argtypes import positive_float
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "'# bnlab exercise: NAME' line)")
     check.add_argument("--seed", type=int, default=None,
                        help="seed for the random cases (default: a fresh one, printed)")
-    check.add_argument("--timeout", type=_positive_float, default=10.0,
+    check.add_argument("--timeout", type=positive_float, default=10.0,
                        help="seconds your code may run (default: 10)")
 
 

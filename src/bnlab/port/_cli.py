@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bnlab._argtypes import non_negative_int
 from bnlab.errors import BnlabError
-
-
-def _steps(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "numbers; defaults: arrays only), and compare the eval outputs, then the running "
         "statistics after --steps training steps on identical batches. Prints a Markdown "
         "table of relative max errors (bnlab / naive / defaults).")
-    check.add_argument("--steps", type=_steps, default=100,
+    check.add_argument("--steps", type=non_negative_int, default=100,
                        help="training steps on both sides (default: 100)")
     check.add_argument("--dtypes", nargs="+", choices=("float32", "float64"),
                        default=["float32", "float64"], help="default: both")

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from bnlab._argtypes import positive_int, real, whole
 from bnlab.errors import BnlabError
 from bnlab.train.config import ConfigError, TrainConfig, config_fields
 
@@ -25,20 +26,6 @@ JOB_FLAG = "--job"
 
 def flag_of(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
-
-
-def _whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-
-
-def _real(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -73,7 +60,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
             target.add_argument(flag_of(f), type=_key_value, action="append", default=[],
                                 **common)
         else:
-            base = {int: _whole, float: _real}.get(_scalar(kind), str)
+            base = {int: whole, float: real}.get(_scalar(kind), str)
             target.add_argument(flag_of(f), type=base, default=f.default, **common)
 
 
@@ -112,13 +99,6 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    "$BNLAB_DATA_DIR, then ~/.cache/bnlab)")
     p.add_argument("--no-download", action="store_true",
                    help="never download; fail if the files are not found locally")
-
-
-def positive_int(text: str) -> int:
-    value = _whole(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
