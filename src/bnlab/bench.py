@@ -38,8 +38,8 @@ from bnlab.core._threads import run_parallel
 
 __all__ = ["SHAPES", "BenchRow", "copy_bandwidth", "format_table", "run_bench"]
 
-# (label, shape, channels_last): the shapes of the speed issue. The channels-last case is
-# NHWC data handed over as its (N, C, H, W) transposed view.
+# (label, shape, channels_last): the shapes the speed targets are stated for. The
+# channels-last case is NHWC data handed over as its (N, C, H, W) transposed view.
 SHAPES: list[tuple[str, tuple[int, ...], bool]] = [
     ("NCHW", (64, 64, 28, 28), False),
     ("NCHW", (256, 256, 14, 14), False),
