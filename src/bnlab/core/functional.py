@@ -8,18 +8,20 @@ torch graph does (a second call raises).
 For an input ``x`` of shape (N, C, *) every channel c is normalised over the N·M values it
 has in the batch (M = product of the trailing sizes)::
 
-    training:   mu_c  = mean(x[:, c])            var_c = mean((x[:, c] - mu_c)²)   (biased)
-    eval:       mu_c  = running_mean[c]          var_c = running_var[c]
-    both:       xhat  = (x - mu_c) / sqrt(var_c + eps)        y = weight_c · xhat + bias_c
+    training:   mu_c = mean(x[:, c])         var_c = mean((x[:, c] - mu_c)²)  (biased)
+    eval:       mu_c = running_mean[c]       var_c = running_var[c]
+    both:       xhat = (x - mu_c) / sqrt(var_c + eps)
+                y    = weight_c · xhat + bias_c
 
     backward (training, n = N·M):
-        dbias   = Σ dy                 dweight = Σ dy · xhat
-        dx      = weight_c / sqrt(var_c + eps) · (dy − dbias / n − xhat · dweight / n)
-    backward (eval): dx = weight_c / sqrt(var_c + eps) · dy   (the statistics are constants)
+        dbias  = Σ dy                dweight = Σ dy · xhat
+        dx     = weight_c / sqrt(var_c + eps) · (dy − dbias/n − xhat · dweight/n)
+    backward (eval):
+        dx     = weight_c / sqrt(var_c + eps) · dy      (the statistics are constants)
 
     running update (PyTorch's convention, m = momentum, default 0.1):
         running_mean ← m · mu + (1 − m) · running_mean
-        running_var  ← m · var · n / (n − 1) + (1 − m) · running_var      (unbiased)
+        running_var  ← m · var · n/(n − 1) + (1 − m) · running_var      (unbiased)
 
 Numerics, where they happen:
 
