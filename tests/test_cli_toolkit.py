@@ -67,6 +67,14 @@ def test_fold_cli_round_trip(trained, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model.eval()(x), atol=1e-5, rtol=1e-5)
     assert config.norm == "ghost"
+    assert main(["eval", str(src), "--dataset", "digits"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["eval", str(out), "--dataset", "digits"]) == 0
+    line = capsys.readouterr().out
+    assert "norm=ghost (folded), test accuracy" in line
+    # folded and unfolded agree to ~1e-6 on the logits: the same accuracy, to a sample
+    acc = [float(t.split("test accuracy ")[1].split(" %")[0]) for t in (plain, line)]
+    assert abs(acc[0] - acc[1]) <= 100 / 360
 
 
 def test_toolkit_commands_bad_input_exit_2_without_traceback(tmp_path, capsys):

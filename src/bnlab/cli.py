@@ -339,7 +339,7 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
     ),
     (
         "eval",
-        "test accuracy of a checkpoint written by 'bnlab train'",
+        "test accuracy of a checkpoint written by 'bnlab train' or 'bnlab fold'",
         "Rebuild the model from the checkpoint's metadata, load its weights (safetensors, "
         "never unpickled) and report test loss and accuracy.",
         _add_eval,

@@ -197,14 +197,22 @@ def evaluate_checkpoint(
     download: bool = True,
     batch_size: int = 1000,
 ) -> str:
-    """Load a checkpoint, evaluate it on a test split, return the line to print."""
+    """Load a checkpoint (plain, or folded by ``bnlab fold``), evaluate it on a test split,
+    return the line to print."""
     from bnlab.data import load_dataset
-    from bnlab.train.checkpoint import load_checkpoint
+    from bnlab.train.checkpoint import (
+        FOLDED,
+        FORMATS,
+        load_checkpoint,
+        load_folded,
+        read_checkpoint_info,
+    )
     from bnlab.train.loop import evaluate
     from bnlab.train.runfiles import checkpoint_path
 
     path = checkpoint_path(path)
-    model, config = load_checkpoint(path)
+    folded = read_checkpoint_info(path, FORMATS).format == FOLDED
+    model, config = load_folded(path) if folded else load_checkpoint(path)
     name = dataset or config.dataset
     data = load_dataset(name, data_dir, download=download)
     try:
@@ -214,7 +222,8 @@ def evaluate_checkpoint(
             f"checkpoint {path} (trained on {config.dataset}) cannot run on {name} "
             f"images {data.in_shape}: {str(exc).splitlines()[0]}"
         ) from None
-    return (f"{path}: {config.model} norm={config.norm}, test accuracy {100 * acc:.2f} % "
+    kind = " (folded)" if folded else ""
+    return (f"{path}: {config.model} norm={config.norm}{kind}, test accuracy {100 * acc:.2f} % "
             f"({len(data.test)} {name} test images), test loss {loss:.4f}")
 
 
