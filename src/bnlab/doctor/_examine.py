@@ -29,7 +29,7 @@ from bnlab.nn import (
     SyncBatchNorm,
     recalibrate_bn,
 )
-from bnlab.nn.accumulate import Moments, merge_all
+from bnlab.nn._moments import Moments, merge_all
 
 BN_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,

@@ -16,7 +16,7 @@ from bnlab.doctor._examine import (
 )
 from bnlab.doctor._report import Report, severity_rank
 from bnlab.nn import fold_bn, freeze_bn, replace_norm
-from bnlab.nn.accumulate import Moments, merge_all
+from bnlab.nn._moments import Moments, merge_all
 
 # In the order they are applied: structural changes first, recalibration after them (so it
 # measures the final model), freezing after recalibration (so frozen statistics are fresh).

@@ -62,57 +62,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from bnlab.nn._moments import Moments, merge_all
+
 MODES = ("one-update", "two-pass")
 STATS_GRADS = ("own", "micro")
-
-
-@dataclass(frozen=True)
-class Moments:
-    """Per-channel count ``n``, ``mean`` and ``m2`` = Σ(x − mean)² (float64, detached or not)."""
-
-    n: int
-    mean: Tensor
-    m2: Tensor
-
-    @staticmethod
-    def of(x: Tensor) -> Moments:
-        """The moments of ``x`` over every axis except 1, in float64 (two passes)."""
-        x = x.double()
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims)
-        m2 = ((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).sum(dim=dims)
-        return Moments(x.numel() // x.shape[1], mean, m2)
-
-    def merge(self, other: Moments) -> Moments:
-        """Chan's pairwise update: exact for any counts, no Σx² − n·mean² cancellation."""
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
-        return Moments(n, mean, m2)
-
-    @property
-    def var(self) -> Tensor:
-        """Biased variance (the one BN normalises with)."""
-        return self.m2 / self.n
-
-
-def merge_all(parts: Iterable[Moments]) -> Moments:
-    """The moments of the concatenation of everything ``parts`` describe."""
-    it = iter(parts)
-    try:
-        total = next(it)
-    except StopIteration:
-        raise ValueError("no statistics to merge") from None
-    for m in it:
-        total = total.merge(m)
-    return total
 
 
 def _first_tensor(batch: Any) -> Tensor:
