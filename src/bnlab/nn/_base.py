@@ -82,6 +82,16 @@ def channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
 
 
+def first_tensor(batch: Any, expected: str) -> Tensor:
+    """The input of a batch: the batch itself if a tensor, else the tensor ``batch[0]`` of
+    an (input, target) tuple/list; otherwise ``TypeError`` "``expected``, got TYPE"."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(f"{expected}, got {type(batch).__name__}")
+
+
 def is_finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 

@@ -67,20 +67,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnlab.nn._base import first_tensor
 from bnlab.nn._moments import Moments, merge_all
 
 MODES = ("one-update", "two-pass")
 STATS_GRADS = ("own", "micro")
-
-
-def _first_tensor(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        f"expected an input tensor or an (input, target) tuple, got {type(batch).__name__}"
-    )
 
 
 class _StopForward(BaseException):
@@ -288,7 +279,8 @@ class BNAccumulator:
             raise ValueError("gather() is for mode='two-pass'")
         if not self._active:
             raise ValueError("use gather() inside the accumulate_bn context")
-        inputs = [_first_tensor(b) for b in micro_batches]
+        inputs = [first_tensor(b, "expected an input tensor or an (input, target) tuple")
+                  for b in micro_batches]
         if not inputs:
             raise ValueError("gather() got no micro-batches")
         self._merged, self._gathered, self._micro = {}, {}, 0

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab._progress import progress as progress_iter
+from bnlab.nn._base import first_tensor
 from bnlab.nn._moments import Moments
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.replace import batchnorm_layers
@@ -28,17 +29,6 @@ def _add(totals: dict[int, Moments], key: int, x: Tensor) -> None:
         return
     part = Moments.measure(x)
     totals[key] = totals[key].merge(part) if key in totals else part
-
-
-def _first_tensor(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        "recalibrate_bn expected each batch to be an input tensor or an (input, target) "
-        f"tuple/list, got {type(batch).__name__}"
-    )
 
 
 def recalibrate_bn(
@@ -232,7 +222,8 @@ def recalibrate_bn(
 def _inputs(batches: Iterable[Any], kept: list[Tensor] | None) -> Iterator[Tensor]:
     """The input tensor of each batch, also appended to ``kept`` (unless None)."""
     for batch in batches:
-        x = _first_tensor(batch)
+        x = first_tensor(batch, "recalibrate_bn expected each batch to be an input tensor "
+                         "or an (input, target) tuple/list")
         if kept is not None:
             kept.append(x)
         yield x
