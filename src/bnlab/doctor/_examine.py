@@ -325,12 +325,7 @@ def _static_findings(model: nn.Module, layers: list[tuple[str, Any]],
     reused = [n for n, m in layers if graph.bn_calls.get(id(m), 0) > 1]
     if reused:
         calls = max(graph.bn_calls[id(by_name[n])] for n in reused)
-        out.append(Finding(
-            "bn_reused", "warning", tuple(reused),
-            "one BN module called more than once per forward",
-            f"called {calls} times in the traced graph: its statistics mix the calls' inputs "
-            f"and it gets {calls} updates per step",
-            "give each call its own BN layer (copy.deepcopy(layer))", None, float(calls)))
+        out.append(_bn_reused(reused, calls, "in the traced graph"))
     if graph.bias_pairs:
         wasted = sum(_out_features(model.get_submodule(c)) for c, _ in graph.bias_pairs)
         out.append(Finding(
@@ -350,6 +345,15 @@ def _static_findings(model: nn.Module, layers: list[tuple[str, Any]],
             "bnlab.doctor.fix(model, report, which='recalibrate', batches=batches); or move "
             "dropout after the last BN", "recalibrate"))
     return out
+
+
+def _bn_reused(layers: list[str], calls: int, counted: str) -> Finding:
+    """The finding for BN modules called ``calls`` times (``counted``: how we know)."""
+    return Finding(
+        "bn_reused", "warning", tuple(layers), CODES["bn_reused"],
+        f"called {calls} times {counted}: its statistics mix the calls' inputs and it gets "
+        f"{calls} updates per step",
+        "give each call its own BN layer (copy.deepcopy(layer))", None, float(calls))
 
 
 def _eval_mode_findings(model: nn.Module, layers: list[tuple[str, Any]]) -> list[str]:
@@ -696,12 +700,7 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
               graph.bn_calls.get(id(m), 0) <= 1]
     if reused:
         calls = max(eval_pass.max_calls[id(dict(layers)[n])] for n in reused)
-        findings.append(Finding(
-            "bn_reused", "warning", tuple(reused),
-            "one BN module called more than once per forward",
-            f"called {calls} times per forward (counted by hooks): its statistics mix the "
-            f"calls' inputs and it gets {calls} updates per step",
-            "give each call its own BN layer (copy.deepcopy(layer))", None, float(calls)))
+        findings.append(_bn_reused(reused, calls, "per forward (counted by hooks)"))
     snapshot.restore()
     done(STAGES[0])
 
