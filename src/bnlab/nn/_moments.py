@@ -5,7 +5,7 @@ A :class:`Moments` holds, per channel (axis 1), the count ``n``, the ``mean`` an
 ``m2`` = Σ(x − mean)², in float64. Two of them merge with Chan, Golub & LeVeque's pairwise
 update: with δ = mean_b − mean_a and n = n_a + n_b, mean = mean_a + δ·n_b/n and
 M2 = M2_a + M2_b + δ²·n_a·n_b/n. Exact for any counts, and free of the cancellation of the
-Σx² − n·mean² form.
+Σx² − n·mean² form. :class:`StopForward` ends a measuring forward at the measured layer.
 """
 
 from __future__ import annotations
@@ -83,3 +83,9 @@ def merge_all(parts: Iterable[Moments]) -> Moments:
         total = total.merge(m)
     return total
 
+
+
+class StopForward(BaseException):
+    """Raised by a hook once its layer's input is measured, to skip the rest of the forward
+    (the measuring pass suppresses it). A BaseException, so that a model's own
+    ``except Exception`` lets it through."""

@@ -68,15 +68,10 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.nn._base import first_tensor
-from bnlab.nn._moments import Moments, merge_all
+from bnlab.nn._moments import Moments, StopForward, merge_all
 
 MODES = ("one-update", "two-pass")
 STATS_GRADS = ("own", "micro")
-
-
-class _StopForward(BaseException):
-    """Ends a gather pass's forward once its layer's input is measured (a BaseException,
-    so a model's own ``except Exception`` lets it through)."""
 
 
 class BNAccumulator:
@@ -223,7 +218,7 @@ class BNAccumulator:
         if id(m) not in self._merged:
             if self._gathering is not None and self._gathering[0] is m:
                 self._gathering[1].append(Moments.of(x.detach()))
-                raise _StopForward
+                raise StopForward
             raise ValueError(
                 f"layer {self._names[id(m)]}: no gathered statistics; call gather() with "
                 "this step's micro-batches before the training forwards"
@@ -291,7 +286,7 @@ class BNAccumulator:
                 self._gathering = (m, parts)
                 try:
                     for x in inputs:
-                        with contextlib.suppress(_StopForward):
+                        with contextlib.suppress(StopForward):
                             self.model(x)
                 finally:
                     self._gathering = None

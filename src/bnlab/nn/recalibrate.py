@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bnlab._progress import progress as progress_iter
 from bnlab.nn._base import first_tensor
-from bnlab.nn._moments import Moments
+from bnlab.nn._moments import Moments, StopForward
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.replace import batchnorm_layers
 from bnlab.nn.rewrite import Entry, RewriteReport, RewriteWarning, bn_form
@@ -190,7 +190,7 @@ def recalibrate_bn(
                 def hook(mod: nn.Module, args: Any, stop: bool = stop) -> None:
                     _add(moments, id(mod), args[0])
                     if stop:
-                        raise _StopForward
+                        raise StopForward
 
                 handles.append(layer.register_forward_pre_hook(hook))
                 _run(model, kept, device, f" (pass {i} of {len(order)})", len(kept), progress)
@@ -236,15 +236,10 @@ def _run(model: nn.Module, inputs: Iterable[Tensor], device: torch.device, passe
     with torch.no_grad():
         for x in progress_iter(inputs, "recalibrate BN" + passes, total=total,
                                enabled=None if progress else False, unit="batch"):
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 model(x.to(device))
             count += 1
     return count
-
-
-class _StopForward(BaseException):
-    """Raised by a pass's hook once its layer's input is measured, to skip the rest of the
-    forward. A BaseException, so that a model's own ``except Exception`` lets it through."""
 
 
 def _remove(handles: list[Any]) -> None:
