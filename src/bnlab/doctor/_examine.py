@@ -29,6 +29,7 @@ from bnlab.nn import (
     SyncBatchNorm,
     recalibrate_bn,
 )
+from bnlab.nn._base import eval_mode
 from bnlab.nn._moments import Moments, merge_all
 
 BN_TYPES: tuple[type[nn.Module], ...] = (
@@ -358,13 +359,8 @@ def _bn_reused(layers: list[str], calls: int, counted: str) -> Finding:
 
 def _eval_mode_findings(model: nn.Module, layers: list[tuple[str, Any]]) -> list[str]:
     """Names of BN layers still in training mode after ``model.eval()`` (modes restored)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
+    with eval_mode(model):
         return [n for n, m in layers if m.training]
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # --------------------------------------------------------------------------- dynamic
@@ -873,13 +869,8 @@ def _gap_findings(model: nn.Module, reached: list[tuple[str, Any]],
         device = xs[0].device
         ex = [x.to(device) for x in ex]
         ey = [y.to(device) if y is not None else None for y in ey]
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            model.eval()
+        with eval_mode(model):
             before_out = _run_pass(model, ex, []).outputs
-        finally:
-            for m, mode in modes:
-                m.training = mode
     else:
         ex, ey, before_out = xs, ys, eval_pass.outputs
     fixed.eval()

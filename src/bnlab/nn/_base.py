@@ -44,7 +44,8 @@ Two guards of ``BatchRenorm*`` and ``GhostBatchNorm*`` protect the running stati
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -90,6 +91,18 @@ def first_tensor(batch: Any, expected: str) -> Tensor:
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
     raise TypeError(f"{expected}, got {type(batch).__name__}")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block; every module's own train/eval mode is put back in
+    ``finally`` (not ``model.train(was)``, which would make them all alike)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def is_finite(*tensors: Tensor) -> bool:

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab.nn._base import first_tensor
+from bnlab.nn._base import eval_mode, first_tensor
 from bnlab.nn._moments import Moments, StopForward, merge_all
 
 MODES = ("one-update", "two-pass")
@@ -306,16 +306,12 @@ class BNAccumulator:
         handles = [m.register_forward_pre_hook(
             lambda mod, args: seen.setdefault(id(mod), mod) and None, prepend=True)
             for _, m in self.layers if m.training]
-        modes = {m: m.training for m in self.model.modules()}
         try:
-            self.model.eval()
-            with torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
                 self.model(x)
         finally:
             for h in handles:
                 h.remove()
-            for module, training in modes.items():
-                module.training = training
         return list(seen.values())
 
     # ------------------------------------------------------------------ the update
