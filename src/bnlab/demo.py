@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab import __version__
-from bnlab._io import atomic_path, atomic_write_json, atomic_write_text
+from bnlab._io import atomic_write_json, atomic_write_text
 from bnlab.errors import BnlabError
 
 LRS = (0.01, 0.5)
@@ -89,12 +89,9 @@ def format_table(runs: list[dict[str, Any]], checkpoints: list[int], test_n: int
 
 def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     """Test accuracy vs step: one panel per learning rate, BN vs no BN."""
-    import matplotlib
+    from bnlab._plot import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(LRS), figsize=(11, 4.2), sharey=True)
+    fig, axes = pyplot().subplots(1, len(LRS), figsize=(11, 4.2), sharey=True)
     for ax, lr in zip(axes, LRS, strict=True):
         for r in runs:
             if r["lr"] != lr:
@@ -114,10 +111,7 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.legend(loc="center right")
     axes[0].set_ylabel("test accuracy (%)")
     fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def run_demo(

@@ -29,7 +29,8 @@ from bnlab.nn import (
     SyncBatchNorm,
     recalibrate_bn,
 )
-from bnlab.nn.accumulate import Moments, merge_all
+from bnlab.nn._base import eval_mode
+from bnlab.nn._moments import Moments, merge_all
 
 BN_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
@@ -325,12 +326,7 @@ def _static_findings(model: nn.Module, layers: list[tuple[str, Any]],
     reused = [n for n, m in layers if graph.bn_calls.get(id(m), 0) > 1]
     if reused:
         calls = max(graph.bn_calls[id(by_name[n])] for n in reused)
-        out.append(Finding(
-            "bn_reused", "warning", tuple(reused),
-            "one BN module called more than once per forward",
-            f"called {calls} times in the traced graph: its statistics mix the calls' inputs "
-            f"and it gets {calls} updates per step",
-            "give each call its own BN layer (copy.deepcopy(layer))", None, float(calls)))
+        out.append(_bn_reused(reused, calls, "in the traced graph"))
     if graph.bias_pairs:
         wasted = sum(_out_features(model.get_submodule(c)) for c, _ in graph.bias_pairs)
         out.append(Finding(
@@ -352,15 +348,19 @@ def _static_findings(model: nn.Module, layers: list[tuple[str, Any]],
     return out
 
 
+def _bn_reused(layers: list[str], calls: int, counted: str) -> Finding:
+    """The finding for BN modules called ``calls`` times (``counted``: how we know)."""
+    return Finding(
+        "bn_reused", "warning", tuple(layers), CODES["bn_reused"],
+        f"called {calls} times {counted}: its statistics mix the calls' inputs and it gets "
+        f"{calls} updates per step",
+        "give each call its own BN layer (copy.deepcopy(layer))", None, float(calls))
+
+
 def _eval_mode_findings(model: nn.Module, layers: list[tuple[str, Any]]) -> list[str]:
     """Names of BN layers still in training mode after ``model.eval()`` (modes restored)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
+    with eval_mode(model):
         return [n for n, m in layers if m.training]
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # --------------------------------------------------------------------------- dynamic
@@ -696,12 +696,7 @@ def _dynamic(model: nn.Module, layers: list[tuple[str, Any]], snapshot: _Snapsho
               graph.bn_calls.get(id(m), 0) <= 1]
     if reused:
         calls = max(eval_pass.max_calls[id(dict(layers)[n])] for n in reused)
-        findings.append(Finding(
-            "bn_reused", "warning", tuple(reused),
-            "one BN module called more than once per forward",
-            f"called {calls} times per forward (counted by hooks): its statistics mix the "
-            f"calls' inputs and it gets {calls} updates per step",
-            "give each call its own BN layer (copy.deepcopy(layer))", None, float(calls)))
+        findings.append(_bn_reused(reused, calls, "per forward (counted by hooks)"))
     snapshot.restore()
     done(STAGES[0])
 
@@ -874,13 +869,8 @@ def _gap_findings(model: nn.Module, reached: list[tuple[str, Any]],
         device = xs[0].device
         ex = [x.to(device) for x in ex]
         ey = [y.to(device) if y is not None else None for y in ey]
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            model.eval()
+        with eval_mode(model):
             before_out = _run_pass(model, ex, []).outputs
-        finally:
-            for m, mode in modes:
-                m.training = mode
     else:
         ex, ey, before_out = xs, ys, eval_pass.outputs
     fixed.eval()

@@ -16,7 +16,8 @@ from bnlab.doctor._examine import (
 )
 from bnlab.doctor._report import Report, severity_rank
 from bnlab.nn import fold_bn, freeze_bn, replace_norm
-from bnlab.nn.accumulate import Moments, merge_all
+from bnlab.nn._base import eval_mode
+from bnlab.nn._moments import Moments, merge_all
 
 # In the order they are applied: structural changes first, recalibration after them (so it
 # measures the final model), freezing after recalibration (so frozen statistics are fresh).
@@ -207,14 +208,8 @@ def _fix_bias(work: nn.Module, report: Report, xs: list[Tensor], changes: list[s
 
 
 def _eval_outputs(model: nn.Module, xs: list[Tensor]) -> list[Tensor]:
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            return [_first(model(x)) for x in xs]
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        return [_first(model(x)) for x in xs]
 
 
 def _first(out: Any) -> Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import json
 import math
 import textwrap
@@ -228,13 +227,9 @@ class Report:
         rows = [s for s in self.layers if s.gap_mean is not None]
         if not rows:
             return None
-        import matplotlib
+        from bnlab._plot import png_bytes, subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6), dpi=100)
-        try:
+        with subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6), dpi=100) as (fig, ax):
             xs = list(range(len(rows)))
             finite = [v for s in rows for v in (s.gap_mean, s.gap_max)
                       if v is not None and math.isfinite(v)]
@@ -256,11 +251,7 @@ class Report:
             ax.set_title("running vs population statistics, per BN layer")
             ax.legend(fontsize=8)
             fig.tight_layout()
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png")
-        finally:
-            plt.close(fig)
-        return buf.getvalue()
+            return png_bytes(fig)
 
 
 GAP_WARN = 0.2

@@ -144,7 +144,8 @@ class CovariateShift(Experiment):
         ])
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
-        from bnlab.experiments.plots import COLORS, _pyplot, curves_plot, save
+        from bnlab._plot import pyplot
+        from bnlab.experiments.plots import COLORS, curves_plot, save
 
         files = [curves_plot(
             out_dir / "covariate_shift_accuracy.png",
@@ -154,7 +155,7 @@ class CovariateShift(Experiment):
             colors={"bn (torch)": COLORS["bn"], "none (torch)": COLORS["none"],
                     "bn (numpy)": "tab:cyan", "none (numpy)": "tab:pink"},
         )]
-        plt = _pyplot()
+        plt = pyplot()
         fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
         for row, norm in enumerate(("none", "bn")):
             for col, backend in enumerate(BACKENDS):

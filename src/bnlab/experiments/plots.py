@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from bnlab._plot import pyplot, save_png
 from bnlab.experiments.analysis import acc_curve, final_acc
 from bnlab.experiments.base import RunResult
 from bnlab.experiments.verdict import mean_std
@@ -16,24 +17,9 @@ COLORS = {"bn": "tab:blue", "none": "tab:red", "gn": "tab:green", "ln": "tab:pur
           "renorm": "tab:orange", "ghost": "tab:brown", "frozen": "tab:gray"}
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save(fig: Any, path: Path) -> str:
     """Save ``fig`` atomically as PNG and return its file name."""
-    from bnlab._io import atomic_path
-
-    plt = _pyplot()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_png(fig, path, dpi=90)
     return path.name
 
 
@@ -59,7 +45,7 @@ def curves_plot(path: Path, groups: dict[str, list[RunResult]], title: str,
                 ylim: tuple[float, float] | None = None,
                 colors: dict[str, str] | None = None) -> str:
     """Test accuracy vs step, one line per group (mean over seeds, band = min–max)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, runs in groups.items():
         _band(ax, runs, label, (colors or {}).get(label))
@@ -80,7 +66,7 @@ def sweep_plot(path: Path, xs: Sequence[float], groups: dict[str, list[list[RunR
                logy: bool = False) -> str:
     """A metric (default final accuracy) vs a swept value, one line per group, error bars =
     std over seeds. ``groups[label][i]`` are the runs at ``xs[i]``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     # Lines that coincide (Ghost BN is BN when the batch fits in one ghost batch) must all
     # stay visible: each group gets its own marker and dash pattern, drawn over the last.

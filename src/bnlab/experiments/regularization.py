@@ -116,9 +116,10 @@ class Regularization(Experiment):
         return Analysis(decision.verdict, headline, PAIRED.effect(decision), table)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
-        from bnlab.experiments.plots import _pyplot, save
+        from bnlab._plot import pyplot
+        from bnlab.experiments.plots import save
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         labels, trains, tests = [], [], []
         for norm in ("none", "bn"):

@@ -106,9 +106,10 @@ class TrainEval(Experiment):
         ), table)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
-        from bnlab.experiments.plots import _pyplot, save
+        from bnlab._plot import pyplot
+        from bnlab.experiments.plots import save
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         variants = ["running", *(f"batch_{b}" for b in cfg.eval_batches)]
         width = 0.8 / len(variants)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -44,14 +43,11 @@ def _hist_plot(ax: Any, h: Histogram, label: str) -> None:
 
 
 def _figure(result: InspectResult, panel: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
-    try:
+    from bnlab._plot import png_bytes, subplots
+
+    with subplots(figsize=(8, 3.6), dpi=100) as (fig, ax):
         if panel == "activations":
             for a in result.activations:
                 extra = (f", sat {_pct(a.saturated)}" if a.saturated is not None
@@ -79,11 +75,7 @@ def _figure(result: InspectResult, panel: str) -> bytes:
         ax.set_title(f"{result.label}: {panel}")
         ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+        return png_bytes(fig)
 
 
 def _table(result: InspectResult, panel: str) -> str:

@@ -44,7 +44,8 @@ Two guards of ``BatchRenorm*`` and ``GhostBatchNorm*`` protect the running stati
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -80,6 +81,28 @@ def reduce_dims(x: Tensor) -> list[int]:
 def channel_view(t: Tensor, ndim: int) -> Tensor:
     """View a per-channel vector (C,) as (1, C, 1, ...) to broadcast against an ndim input."""
     return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+def first_tensor(batch: Any, expected: str) -> Tensor:
+    """The input of a batch: the batch itself if a tensor, else the tensor ``batch[0]`` of
+    an (input, target) tuple/list; otherwise ``TypeError`` "``expected``, got TYPE"."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(f"{expected}, got {type(batch).__name__}")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block; every module's own train/eval mode is put back in
+    ``finally`` (not ``model.train(was)``, which would make them all alike)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def is_finite(*tensors: Tensor) -> bool:

@@ -62,72 +62,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from bnlab.nn._base import eval_mode, first_tensor
+from bnlab.nn._moments import Moments, StopForward, merge_all
+
 MODES = ("one-update", "two-pass")
 STATS_GRADS = ("own", "micro")
-
-
-@dataclass(frozen=True)
-class Moments:
-    """Per-channel count ``n``, ``mean`` and ``m2`` = Σ(x − mean)² (float64, detached or not)."""
-
-    n: int
-    mean: Tensor
-    m2: Tensor
-
-    @staticmethod
-    def of(x: Tensor) -> Moments:
-        """The moments of ``x`` over every axis except 1, in float64 (two passes)."""
-        x = x.double()
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims)
-        m2 = ((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).sum(dim=dims)
-        return Moments(x.numel() // x.shape[1], mean, m2)
-
-    def merge(self, other: Moments) -> Moments:
-        """Chan's pairwise update: exact for any counts, no Σx² − n·mean² cancellation."""
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
-        return Moments(n, mean, m2)
-
-    @property
-    def var(self) -> Tensor:
-        """Biased variance (the one BN normalises with)."""
-        return self.m2 / self.n
-
-
-def merge_all(parts: Iterable[Moments]) -> Moments:
-    """The moments of the concatenation of everything ``parts`` describe."""
-    it = iter(parts)
-    try:
-        total = next(it)
-    except StopIteration:
-        raise ValueError("no statistics to merge") from None
-    for m in it:
-        total = total.merge(m)
-    return total
-
-
-def _first_tensor(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        f"expected an input tensor or an (input, target) tuple, got {type(batch).__name__}"
-    )
-
-
-class _StopForward(BaseException):
-    """Ends a gather pass's forward once its layer's input is measured (a BaseException,
-    so a model's own ``except Exception`` lets it through)."""
 
 
 class BNAccumulator:
@@ -274,7 +218,7 @@ class BNAccumulator:
         if id(m) not in self._merged:
             if self._gathering is not None and self._gathering[0] is m:
                 self._gathering[1].append(Moments.of(x.detach()))
-                raise _StopForward
+                raise StopForward
             raise ValueError(
                 f"layer {self._names[id(m)]}: no gathered statistics; call gather() with "
                 "this step's micro-batches before the training forwards"
@@ -330,7 +274,8 @@ class BNAccumulator:
             raise ValueError("gather() is for mode='two-pass'")
         if not self._active:
             raise ValueError("use gather() inside the accumulate_bn context")
-        inputs = [_first_tensor(b) for b in micro_batches]
+        inputs = [first_tensor(b, "expected an input tensor or an (input, target) tuple")
+                  for b in micro_batches]
         if not inputs:
             raise ValueError("gather() got no micro-batches")
         self._merged, self._gathered, self._micro = {}, {}, 0
@@ -341,7 +286,7 @@ class BNAccumulator:
                 self._gathering = (m, parts)
                 try:
                     for x in inputs:
-                        with contextlib.suppress(_StopForward):
+                        with contextlib.suppress(StopForward):
                             self.model(x)
                 finally:
                     self._gathering = None
@@ -361,16 +306,12 @@ class BNAccumulator:
         handles = [m.register_forward_pre_hook(
             lambda mod, args: seen.setdefault(id(mod), mod) and None, prepend=True)
             for _, m in self.layers if m.training]
-        modes = {m: m.training for m in self.model.modules()}
         try:
-            self.model.eval()
-            with torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
                 self.model(x)
         finally:
             for h in handles:
                 h.remove()
-            for module, training in modes.items():
-                module.training = training
         return list(seen.values())
 
     # ------------------------------------------------------------------ the update

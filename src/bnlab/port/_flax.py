@@ -149,6 +149,14 @@ def _flax_momentum(state: BNState, target: str) -> float:
     return decay(state.momentum)
 
 
+def _check_identity_affine(module: Any, w: np.ndarray, b: np.ndarray, says: str) -> None:
+    """A Flax BN without scale (bias) can hold only a scale of 1 (offset of 0)."""
+    for present, arr, flag, identity in ((module.use_scale, w, "use_scale", 1),
+                                         (module.use_bias, b, "use_bias", 0)):
+        if not present and not np.all(arr == identity):
+            raise BnlabError(f"{says} {flag}=False but the state's values are not {identity}")
+
+
 def layer_variables(module: Any, state: BNState, *, label: str = "") -> dict[str, Any]:
     """The variables ``{"params", "batch_stats"}`` of ``module`` holding ``state``.
 
@@ -176,11 +184,7 @@ def layer_variables(module: Any, state: BNState, *, label: str = "") -> dict[str
             "track_running_stats=False as use_running_average=False in the constructor)"
         )
     w, b = state.filled()
-    for present, arr, flag, identity in ((module.use_scale, w, "use_scale", 1),
-                                         (module.use_bias, b, "use_bias", 0)):
-        if not present and not np.all(arr == identity):
-            raise BnlabError(f"{label}: the Flax module has {flag}=False but the state's "
-                             f"values are not {identity}")
+    _check_identity_affine(module, w, b, f"{label}: the Flax module has")
     pdt = state.dtype
     params: dict[str, Any] = {}
     if module.use_scale:
@@ -271,11 +275,7 @@ def load_nnx(bn: Any, state: BNState, *, name: str = "") -> None:
         raise BnlabError(f"{label}: has {bn.num_features} channels, the state "
                          f"{state.num_features}")
     w, b = state.filled()
-    for present, arr, flag, identity in ((bn.use_scale, w, "use_scale", 1),
-                                         (bn.use_bias, b, "use_bias", 0)):
-        if not present and not np.all(arr == identity):
-            raise BnlabError(f"{label}: use {flag}=False but the state's values are not "
-                             f"{identity}")
+    _check_identity_affine(bn, w, b, f"{label}: use")
     momentum = _flax_momentum(state, "Flax nnx")
     dt = state.dtype
     if bn.use_scale:
