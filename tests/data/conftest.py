@@ -1,10 +1,13 @@
-"""Helpers for the data tests: write tiny IDX files (and MNIST-style folders) by hand."""
+"""Helpers for the data tests: write tiny IDX files (and MNIST-style folders) by hand, and
+serve files from a local HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import gzip
+import http.server
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +63,25 @@ def idx_bytes() -> Callable[..., bytes]:
 def write_idx() -> Callable[..., Path]:
     """``write_idx(path, data, compress=bool)``: write IDX bytes, gzip-compressed or raw."""
     return _write_idx
+
+
+@pytest.fixture
+def local_server() -> Iterator[Callable[..., http.server.ThreadingHTTPServer]]:
+    """``local_server(Handler, **attrs)``: a threaded HTTP server on 127.0.0.1 (a free
+    port) with ``attrs`` set on it, serving until the test ends."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(handler: type, **attrs: object) -> http.server.ThreadingHTTPServer:
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        for name, value in attrs.items():
+            setattr(srv, name, value)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv
+
+    try:
+        yield start
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()

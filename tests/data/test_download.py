@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import shutil
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,16 +53,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server() -> Iterator[http.server.ThreadingHTTPServer]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.real_dir = Path("/nonexistent")  # type: ignore[attr-defined]
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
+def server(local_server) -> http.server.ThreadingHTTPServer:
+    return local_server(_Handler, real_dir=Path("/nonexistent"))
 
 
 def _base(srv: http.server.ThreadingHTTPServer, kind: str) -> str:

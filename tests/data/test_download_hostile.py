@@ -13,10 +13,8 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,17 +77,8 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def hostile() -> Iterator[http.server.ThreadingHTTPServer]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
-    srv.sent = []  # type: ignore[attr-defined]
-    srv.daemon_threads = True
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
+def hostile(local_server) -> http.server.ThreadingHTTPServer:
+    return local_server(_Hostile, sent=[], daemon_threads=True)
 
 
 def _url(srv: http.server.ThreadingHTTPServer, kind: str) -> str:
