@@ -295,17 +295,23 @@ def validate_config(config: TrainConfig, *, runnable: bool = True) -> None:
     check_model_memory(config, shape, classes)
 
 
+def _declared_default(field: str, owner: str, declared: dict[str, Any], key: str) -> Any:
+    """The default of option ``key`` that ``owner`` declares; a ConfigError listing the
+    declared options when it declares no such option."""
+    if key not in declared:
+        valid = ", ".join(f"{k}={v!r}" for k, v in declared.items()) or "none"
+        raise ConfigError(field, f"{owner} does not take {key}; its options: {valid}",
+                          option=key)
+    return declared[key]
+
+
 def check_model_options(model: str, options: dict[str, Any]) -> None:
     """Each option is one the model declares, of its default's type, within bounds."""
     from bnlab.models import model_kwargs_of
 
     declared = model_kwargs_of(model)
     for key, value in options.items():
-        if key not in declared:
-            valid = ", ".join(f"{k}={v!r}" for k, v in declared.items()) or "none"
-            raise ConfigError("model_kwargs", f"model {model!r} does not take {key}; its "
-                              f"options: {valid}", option=key)
-        default = declared[key]
+        default = _declared_default("model_kwargs", f"model {model!r}", declared, key)
         try:
             if _is_int(default):
                 whole(1, MODEL_OPTION_LIMITS.get(key, MAX_COUNT))(key, value)
@@ -346,11 +352,7 @@ def check_norm_options(norm: str, options: dict[str, Any]) -> bool:
 
     declared = norm_options_of(norm)
     for key, value in options.items():
-        if key not in declared:
-            valid = ", ".join(f"{k}={v!r}" for k, v in declared.items()) or "none"
-            raise ConfigError("norm_kwargs", f"norm {norm!r} does not take {key}; its "
-                              f"options: {valid}", option=key)
-        default = declared[key]
+        default = _declared_default("norm_kwargs", f"norm {norm!r}", declared, key)
         try:
             if key == "momentum":
                 number(0.0, 1.0, optional=True)(key, value)
