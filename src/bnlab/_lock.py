@@ -85,10 +85,10 @@ def _open_locked(lock: Path) -> tuple[int, dict[str, Any]]:
 def folder_lock(path: str | os.PathLike[str], command: str = "bnlab") -> Iterator[Path]:
     """Hold ``path``'s lock for the block (creating ``path``); yields the folder.
 
-    Raises :class:`FolderLocked` naming the holder's PID if a live process holds it, and a
-    :class:`BnlabError` if ``path`` is a file (an ``OSError`` naming it if it cannot be
-    created). Released in ``finally``; a folder
-    this call created and that is still empty then is removed again.
+    Raises :class:`FolderLocked` naming the holder's PID if a live process holds it, a
+    :class:`BnlabError` if ``path`` is a file, and the ``OSError`` (which names the path)
+    if it cannot be created. Released in ``finally``; a folder this call created and that
+    is still empty then is removed again.
     """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
