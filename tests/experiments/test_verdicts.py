@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bnlab.experiments import base, get_experiment, verdict
+from bnlab.experiments import base, experiment_names, get_experiment, verdict
 from bnlab.experiments.analysis import acc_curve, final_acc
 from bnlab.experiments.base import RunResult, RunSpec
 from bnlab.experiments.covariate_shift import drift
@@ -37,17 +37,62 @@ def curve(final: float, steps: int = 5) -> list[dict[str, Any]]:
         ([2.0, 2.2, 1.9], "supported"),
         ([0.1, -0.2, 0.05], "not supported"),
         ([-3.0, -2.5, -3.2], "not supported"),  # the other way round
-        ([5.0, -4.0, 3.0], "inconclusive"),  # the spread straddles the threshold
-        ([1.5], "supported"),  # one seed: no spread, the seed decides
+        ([5.0, -4.0, 3.0], "inconclusive"),  # the interval straddles the threshold
+        ([1.5], "inconclusive"),  # one seed decides nothing, however large
+        ([100.0], "inconclusive"),
+        ([-100.0], "inconclusive"),
         ([], "inconclusive"),
+        ([2.0, math.nan, 2.0], "inconclusive"),
+        ([2.0, math.inf, 2.0], "inconclusive"),
     ],
 )
 def test_compare(diffs: list[float], expected: str) -> None:
-    verdict, d, se = compare(diffs, 1.0)
-    assert verdict == expected
-    if diffs:
+    decision = compare(diffs, 1.0)
+    assert decision.verdict == expected
+    assert decision.seeds == len(diffs)
+    if len(diffs) >= 2 and all(math.isfinite(x) for x in diffs):
         m, s, n = mean_std(diffs)
-        assert d == pytest.approx(m) and se == pytest.approx(s / math.sqrt(n))
+        assert decision.mean == pytest.approx(m) and decision.se == pytest.approx(s / math.sqrt(n))
+        half = verdict.t_quantile(0.975, n - 1) * s / math.sqrt(n)
+        assert (decision.low, decision.high) == (pytest.approx(m - half), pytest.approx(m + half))
+
+
+# two-sided 95 % critical values of Student's t (any printed table)
+T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 29: 2.045,
+           120: 1.980}
+
+
+@pytest.mark.parametrize(("df", "value"), sorted(T_TABLE.items()))
+def test_t_quantile_matches_the_table(df: int, value: float) -> None:
+    assert verdict.t_quantile(0.975, df) == pytest.approx(value, abs=6e-4)
+    assert verdict.t_quantile(0.025, df) == pytest.approx(-value, abs=6e-4)
+    assert verdict.t_cdf(verdict.t_quantile(0.9, df), df) == pytest.approx(0.9, abs=1e-10)
+
+
+def test_t_quantile_tends_to_the_normal_one() -> None:
+    assert verdict.t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)
+
+
+def test_interval_uses_t_not_two_standard_errors() -> None:
+    """With 3 seeds, a mean 3 SE above zero is decided by "mean − 2·SE > 0" but not by the
+    t interval (t = 4.30 with 2 degrees of freedom)."""
+    diffs = [2.0, 3.0, 4.0]  # mean 3, sd 1, se 0.577: 3 − 2·0.577 > 0, 3 − 4.30·0.577 > 0
+    assert compare(diffs, 1.0).verdict == "supported"
+    diffs = [0.5, 3.0, 5.5]  # mean 3, se 1.44: 3 − 2·1.44 > 0 but 3 − 4.30·1.44 < 0
+    d = compare(diffs, 1.0)
+    assert d.mean - 2 * d.se > 0 and d.low < 0 and d.verdict == "inconclusive"
+
+
+def test_an_interval_straddling_the_threshold_is_inconclusive() -> None:
+    """Above zero throughout, the mean above the threshold, but the interval's lower part
+    below it and its upper part above: supported needs only the mean at the size, so it is
+    supported; move the threshold above the mean and it is inconclusive, never "not
+    supported", until the whole interval is below the threshold."""
+    diffs = [1.0, 1.4, 1.2, 1.6, 0.8]
+    d = compare(diffs, 1.0)
+    assert 0 < d.low < 1.0 < d.high and d.verdict == "supported"
+    assert compare(diffs, 1.3).verdict == "inconclusive"  # mean 1.2 < 1.3 < high
+    assert compare(diffs, d.high + 0.01).verdict == "not supported"
 
 
 def test_mean_std_matches_statistics_module() -> None:
@@ -78,8 +123,8 @@ def test_convergence_rule() -> None:
     )
 
 
-def test_headline_shows_no_standard_error_for_one_seed() -> None:
-    """compare() uses se = 0 for one seed; the headline must not print that as "± 0.00"."""
+def test_headline_shows_no_interval_for_one_seed() -> None:
+    """One seed has no spread; the headline must not print an interval for it."""
     exp = get_experiment("convergence")
 
     def outcome(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -90,10 +135,10 @@ def test_headline_shows_no_standard_error_for_one_seed() -> None:
     one = replace(full, seeds=full.seeds[:1])
     results = [r for r in results_for("convergence", outcome) if r.spec.seed == full.seeds[0]]
     headline = exp.analyse(one, results).headline
-    assert "(1 seed)" in headline and "±" not in headline.split("points")[0]
-    assert " ± " in exp.analyse(full, results_for("convergence", outcome)).headline
-    assert verdict.pm(1.234, 0.5, 3, 1) == "+1.2 ± 0.5"
-    assert verdict.pm(-1.234, 0.0, 1, 2) == "-1.23 (1 seed)"
+    assert "(1 seed)" in headline and "CI" not in headline
+    assert "95 % CI" in exp.analyse(full, results_for("convergence", outcome)).headline
+    assert verdict.pm(1.234, 0.5, 2.0, 3, 1) == "+1.2 (95 % CI +0.5 to +2.0, 3 seeds)"
+    assert verdict.pm(-1.234, math.nan, math.nan, 1, 2) == "-1.23 (1 seed)"
 
 
 @pytest.mark.parametrize(
@@ -191,22 +236,31 @@ def test_every_experiment_plans_distinct_runs_and_states_its_rule() -> None:
             assert isinstance(exp.config(profile), base.TrainSettings), name
             runs = exp.runs(exp.config(profile), "mnist")
             assert len({r.run_id(name) for r in runs}) == len(runs)
-            if profile == "full":
-                assert len({r.seed for r in runs}) >= 3, name
         with pytest.raises(ValueError, match="unknown profile"):
             exp.config("huge")
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_quick_runs_at_least_three_seeds_and_full_five(name: str) -> None:
+    """One seed decides nothing; quick's verdicts need 3 seeds, full's 5."""
+    exp = get_experiment(name)
+    for profile, least in (("quick", 3), ("full", 5)):
+        runs = exp.runs(exp.config(profile), "mnist")
+        assert len({r.seed for r in runs}) >= least, (name, profile)
 
 
 def test_paired_rule_text_follows_the_threshold_and_the_verdict_code(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The rule text is generated from what compare() does: change the threshold (or the
-    standard-error factor) and both the text and the verdict move together."""
+    confidence level) and both the text and the verdict move together."""
     claim = PairedClaim("Per seed, A minus B", threshold=1.0)
     assert claim.rule == (
-        "Per seed, A minus B. supported if the mean difference is at least 1 percentage point "
-        "and more than 2 standard errors above zero; not supported if mean + 2 SE is below 1 "
-        "percentage point; inconclusive otherwise."
+        "Per seed, A minus B. Over the seeds, the mean difference and its 95 % confidence "
+        "interval (Student's t with n − 1 degrees of freedom): supported if the whole interval "
+        "is above zero and the mean is at least 1 percentage point; not supported if the "
+        "interval's upper end is below 1 percentage point; inconclusive otherwise, and always "
+        "with fewer than 2 seeds."
     )
     three = replace(claim, threshold=3.0)
     assert "at least 3 percentage points" in three.rule and "below 3 percentage points" in (
@@ -214,10 +268,10 @@ def test_paired_rule_text_follows_the_threshold_and_the_verdict_code(
     assert "1 percentage point" not in three.rule
     diffs = [2.0, 2.2, 1.9]
     assert claim.decide(diffs).verdict == "supported"
-    assert three.decide(diffs).verdict == "not supported"  # 2.03 + 2·0.09 < 3
-    monkeypatch.setattr(verdict, "SE_FACTOR", 40.0)
-    assert "more than 40 standard errors" in claim.rule and "mean + 40 SE" in claim.rule
-    assert claim.decide(diffs).verdict == "inconclusive"  # 2.03 − 40·0.09 < 0
+    assert three.decide(diffs).verdict == "not supported"  # 2.03 + 4.30·0.088 < 3
+    monkeypatch.setattr(verdict, "CONFIDENCE", 0.99999)
+    assert "99.999 % confidence interval" in claim.rule
+    assert claim.decide(diffs).verdict == "inconclusive"  # the interval now reaches below 0
 
 
 def test_every_paired_experiment_states_the_rule_of_its_declaration() -> None:
@@ -232,7 +286,7 @@ def test_every_paired_experiment_states_the_rule_of_its_declaration() -> None:
         paired += 1
         assert get_experiment(name).rule == claim.rule, name
         assert f"{claim.threshold_phrase};" in claim.rule
-    assert paired == 8  # all but lr-tolerance, whose rule is not a paired comparison
+    assert paired >= 8
 
 
 def test_chance_accuracy_comes_from_the_datasets_class_count(
@@ -247,3 +301,32 @@ def test_chance_accuracy_comes_from_the_datasets_class_count(
     monkeypatch.setitem(DATASET_INFO, "digits", ((1, 8, 8), 4))
     assert final_acc(diverged) == pytest.approx(0.25)
     assert acc_curve(diverged) == ([1, 2], [0.5, 0.25])
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_every_experiment_declares_its_words_its_literature_and_its_practice(name: str) -> None:
+    """The report shows, for each experiment, the seeds' words (a seed claim) or the paper
+    (a literature experiment), what the literature found, and one sentence per verdict."""
+    exp = get_experiment(name)
+    assert exp.section in ("claim", "literature"), name
+    assert exp.literature and exp.papers, name
+    if exp.section == "claim":
+        assert exp.seeds and exp.quote, name
+    assert set(exp.practice) == set(verdict.VERDICTS), name
+    assert all(sentence.strip() for sentence in exp.practice.values()), name
+
+
+SEED_CLAIMS = {
+    "convergence", "lr-tolerance", "depth", "init-sensitivity", "regularization", "placement",
+    "covariate-shift", "train-eval", "batch-size", "weight-decay", "dropout", "input-scale",
+    "gradient-health", "hyperparameters", "batch-vs-dataset",
+}
+LITERATURE = {"santurkar-2018", "yang-2019", "bjorck-2018", "wu-johnson-2021"}
+
+
+def test_the_lab_has_every_seed_claim_and_the_four_papers_tests() -> None:
+    names = experiment_names()
+    assert len(names) == len(set(names))
+    by_section = {s: {n for n in names if get_experiment(n).section == s}
+                  for s in ("claim", "literature")}
+    assert by_section == {"claim": SEED_CLAIMS, "literature": LITERATURE}

@@ -2,9 +2,14 @@
 
 An :class:`Experiment` subclass (one module per claim) declares
 
-- ``claim``, ``seeds`` (the seed documents making it), ``rule`` (the verdict rule in plain
-  words, shown in the report; a paired claim generates it from the verdict code, see
-  :class:`bnlab.experiments.verdict.PairedClaim`) and one frozen config per profile
+- ``claim``, ``seeds`` (the seed documents making it), ``quote`` (their own words),
+  ``section`` (``"claim"`` for a seed claim, ``"literature"`` for a paper's own test of
+  the mechanism), ``papers`` (the literature it is read against), ``literature`` (what
+  those papers found, with their number and dataset), ``practice`` (for each verdict, one
+  plain sentence on what it means in practice, written before the runs), ``rule`` (the
+  verdict rule in plain words, shown in the report; a paired claim generates it from the
+  verdict code, see :class:`bnlab.experiments.verdict.PairedClaim`) and one frozen config
+  per profile
   (``smoke``, ``quick``, ``full``) in ``profiles``; each config embeds the shared
   :class:`TrainSettings` and adds what the claim sweeps or measures;
 - ``runs(cfg, dataset)``: the list of :class:`RunSpec` (one training run each);
@@ -145,7 +150,12 @@ class Experiment:
 
     name: str = ""
     claim: str = ""
-    seeds: str = ""
+    seeds: str = ""  # the seed documents making the claim, e.g. "000, 001"
+    quote: str = ""  # the seed documents' own words, verbatim
+    section: str = "claim"  # "claim" (a seed's claim) or "literature" (a paper's test)
+    papers: str = ""  # e.g. "Santurkar et al., NeurIPS 2018"
+    literature: str = ""  # what the papers found: their number, their dataset
+    practice: ClassVar[dict[str, str]] = {}  # verdict -> one plain sentence
     rule: str = ""
     profiles: ClassVar[dict[str, Any]] = {}
     warm_up: bool = True  # the runner trains each model one step before forking the runs

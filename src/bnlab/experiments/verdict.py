@@ -1,10 +1,11 @@
 """The shared verdict rule, and the paired-claim declaration whose rule text it generates.
 
 Most claims compare two variants seed by seed (same init, same batches) and decide on the
-per-seed differences with :func:`compare`. A :class:`PairedClaim` declares such a claim:
-what is measured and the claimed size. Its rule text (shown in the report) is built from
-:func:`rule_text`, which states the clauses of :func:`compare` with the same threshold and
-the same factor, so the prose and the code cannot disagree.
+per-seed differences with :func:`compare`: the mean difference and its 95 % confidence
+interval from Student's t with n − 1 degrees of freedom. A :class:`PairedClaim` declares
+such a claim: what is measured and the claimed size. Its rule text (shown in the report) is
+built from :func:`rule_text`, which states the clauses of :func:`compare` with the same
+threshold and the same confidence level, so the prose and the code cannot disagree.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any, Literal
 Verdict = Literal["supported", "not supported", "inconclusive"]
 VERDICTS: tuple[Verdict, ...] = ("supported", "not supported", "inconclusive")
 
-SE_FACTOR = 2.0  # how many standard errors separate a decided verdict from the threshold
+CONFIDENCE = 0.95  # the two-sided confidence level of every interval a verdict rests on
+MIN_SEEDS = 2  # fewer seeds than this never decide a verdict (no spread to measure)
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
@@ -32,71 +34,145 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return m, math.sqrt(var), len(xs)
 
 
-def compare(diffs: Sequence[float], threshold: float,
-            se_factor: float | None = None) -> tuple[Verdict, float, float]:
-    """The shared verdict rule on per-seed differences (claimed direction positive).
-
-    With ``d`` the mean difference, ``se = std / sqrt(n)`` its standard error over seeds
-    and ``k = se_factor`` (:data:`SE_FACTOR` unless given):
-
-    - ``supported`` when ``d >= threshold`` and ``d - k·se > 0``;
-    - ``not supported`` when ``d + k·se < threshold`` (the effect is confidently smaller
-      than the claimed size, or goes the other way);
-    - ``inconclusive`` otherwise (the seeds' spread straddles the threshold).
-
-    With one seed ``se`` is 0: the verdict then rests on that seed alone (the report says
-    how many seeds there were). :func:`rule_text` states these clauses in words.
-    Returns ``(verdict, d, se)``.
-    """
-    if not diffs:
-        return "inconclusive", math.nan, math.nan
-    d, sd, n = mean_std(diffs)
-    if any(math.isnan(x) for x in diffs):
-        return "inconclusive", d, math.nan
-    se = sd / math.sqrt(n)
-    k = SE_FACTOR if se_factor is None else se_factor
-    if d >= threshold and d - k * se > 0:
-        return "supported", d, se
-    if d + k * se < threshold:
-        return "not supported", d, se
-    return "inconclusive", d, se
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularised incomplete beta function (modified
+    Lentz's method); converges quickly for ``x < (a + 1) / (a + b + 2)``."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
 
 
-def rule_text(measure: str, threshold: str, se_factor: float | None = None) -> str:
-    """:func:`compare`'s clauses in words, for a ``measure`` and a ``threshold`` as read."""
-    k = f"{SE_FACTOR if se_factor is None else se_factor:g}"
-    return (
-        f"{measure}. supported if the mean difference is at least {threshold} and more than "
-        f"{k} standard errors above zero; not supported if mean + {k} SE is below "
-        f"{threshold}; inconclusive otherwise."
-    )
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b) for 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
 
 
-def pm(d: float, se: float, n: int, digits: int) -> str:
-    """``d ± se`` for a headline, with ``digits`` decimals and ``d`` signed.
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+    if df <= 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
 
-    With one seed there is no standard error (``compare`` then uses 0), so none is shown,
-    as :func:`bnlab.experiments.analysis.fmt_ms` shows no spread for one value:
-    ``+1.2 (1 seed)`` rather than a misleading ``+1.2 ± 0.0``.
-    """
-    if n < 2:
-        return f"{d:+.{digits}f} (1 seed)"
-    return f"{d:+.{digits}f} ± {se:.{digits}f}"
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on
+    :func:`t_cdf`, to about 1e-12)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def interval(values: Sequence[float], confidence: float | None = None) -> tuple[float, float]:
+    """The two-sided ``confidence`` (:data:`CONFIDENCE` unless given) interval of the mean
+    of ``values`` from Student's t with n − 1 degrees of freedom: ``mean ± t · sd /
+    sqrt(n)``; ``(nan, nan)`` with fewer than two values or a non-finite one."""
+    confidence = CONFIDENCE if confidence is None else confidence
+    m, sd, n = mean_std(values)
+    if n < 2 or not (math.isfinite(m) and math.isfinite(sd)):
+        return math.nan, math.nan
+    half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
+    return m - half, m + half
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What :meth:`PairedClaim.decide` found: the verdict, the mean difference, its
-    standard error and the number of seeds."""
+    """What :func:`compare` found: the verdict, the mean difference, its standard error,
+    the number of seeds, and the 95 % interval ``[low, high]`` (nan with < 2 seeds)."""
 
     verdict: Verdict
     mean: float
     se: float
     seeds: int
+    low: float = math.nan
+    high: float = math.nan
 
     def pm(self, digits: int) -> str:
         """The effect for a headline (see :func:`pm`)."""
-        return pm(self.mean, self.se, self.seeds, digits)
+        return pm(self.mean, self.low, self.high, self.seeds, digits)
+
+
+def compare(diffs: Sequence[float], threshold: float) -> Decision:
+    """The shared verdict rule on per-seed differences (claimed direction positive).
+
+    With ``d`` the mean difference over the n seeds and ``[low, high]`` its
+    :data:`CONFIDENCE` interval from Student's t with n − 1 degrees of freedom
+    (:func:`interval`):
+
+    - ``supported`` when ``low > 0`` (the whole interval above zero) and ``d >= threshold``;
+    - ``not supported`` when ``high < threshold`` (the effect is confidently smaller than
+      the claimed size, or goes the other way);
+    - ``inconclusive`` otherwise (the interval straddles the threshold), and always with
+      fewer than :data:`MIN_SEEDS` seeds or a non-finite difference.
+
+    :func:`rule_text` states these clauses in words.
+    """
+    if not diffs:
+        return Decision("inconclusive", math.nan, math.nan, 0)
+    d, sd, n = mean_std(diffs)
+    se = sd / math.sqrt(n) if n >= MIN_SEEDS else math.nan
+    low, high = interval(diffs)
+    if n < MIN_SEEDS or not all(math.isfinite(float(x)) for x in diffs):
+        return Decision("inconclusive", d, se, n, low, high)
+    if low > 0 and d >= threshold:
+        return Decision("supported", d, se, n, low, high)
+    if high < threshold:
+        return Decision("not supported", d, se, n, low, high)
+    return Decision("inconclusive", d, se, n, low, high)
+
+
+def rule_text(measure: str, threshold: str) -> str:
+    """:func:`compare`'s clauses in words, for a ``measure`` and a ``threshold`` as read."""
+    level = f"{100 * CONFIDENCE:g} %"
+    return (
+        f"{measure}. Over the seeds, the mean difference and its {level} confidence "
+        f"interval (Student's t with n − 1 degrees of freedom): supported if the whole "
+        f"interval is above zero and the mean is at least {threshold}; not supported if the "
+        f"interval's upper end is below {threshold}; inconclusive otherwise, and always "
+        f"with fewer than {MIN_SEEDS} seeds."
+    )
+
+
+def pm(d: float, low: float, high: float, n: int, digits: int) -> str:
+    """The mean difference and its interval for a headline, ``+1.2 (95 % CI +0.4 to
+    +2.0, 5 seeds)``; with one seed, which decides nothing, ``+1.2 (1 seed)``."""
+    if n < MIN_SEEDS or not (math.isfinite(low) and math.isfinite(high)):
+        return f"{d:+.{digits}f} ({n} seed{'s' if n != 1 else ''})"
+    return (f"{d:+.{digits}f} ({100 * CONFIDENCE:g} % CI {low:+.{digits}f} to "
+            f"{high:+.{digits}f}, {n} seeds)")
 
 
 @dataclass(frozen=True)
@@ -133,17 +209,18 @@ class PairedClaim:
         return f"{self.threshold:g} {self.unit}{plural}"
 
     def decide(self, diffs: Sequence[float]) -> Decision:
-        verdict, d, se = compare(diffs, self.threshold)
-        return Decision(verdict, d, se, len(diffs))
+        return compare(diffs, self.threshold)
 
     def effect(self, decision: Decision, *, before: Mapping[str, Any] | None = None,
                after: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The result's effect: ``before``, the mean difference, its standard error, the
-        threshold, ``after`` and the number of seeds."""
+        """The result's effect: ``before``, the mean difference, its standard error and
+        95 % interval, the threshold, ``after`` and the number of seeds."""
         return {
             **(before or {}),
             self.key: decision.mean,
             f"se_{self.suffix}": decision.se,
+            f"ci_low_{self.suffix}": decision.low,
+            f"ci_high_{self.suffix}": decision.high,
             f"threshold_{self.suffix}": self.threshold,
             **(after or {}),
             "seeds": decision.seeds,
