@@ -60,6 +60,15 @@ def eval_set_text(eval_subset: int | None) -> str:
     return "the full test set" if eval_subset is None else f"the first {eval_subset} test images"
 
 
+def model_text(model: str, model_kwargs: dict[str, Any]) -> str:
+    """How the protocol names a model: its name and every option (defaults filled in),
+    e.g. ``deep_mlp (depth 4, width 100, dropout 0.0)``."""
+    from bnlab.models import model_kwargs_of
+
+    options = {**model_kwargs_of(model), **model_kwargs}
+    return f"{model} ({', '.join(f'{k} {v}' for k, v in options.items())})" if options else model
+
+
 def fmt_ms(values: Sequence[float], scale: float = 100.0, unit: str = " %") -> str:
     """``mean ± std`` of ``values`` times ``scale`` (accuracies in % by default)."""
     m, s, n = mean_std(values)
@@ -80,3 +89,16 @@ def acc_row(group: dict[str, Any], runs: Sequence[RunResult], **cols: Any) -> di
     return table_row(group, final_acc=fmt_ms([final_acc(r) for r in runs]), **cols,
                      diverged=sum(bool(r.summary.get("diverged")) for r in runs),
                      seeds=len(runs))
+
+
+def dataset_target(targets: dict[str, float], results: Sequence[RunResult]) -> float:
+    """The accuracy target declared for the dataset the ``results`` ran on (every run of
+    an experiment runs on one dataset). ValueError when the config declares none for it."""
+    datasets = {r.spec.config.dataset for r in results}
+    if len(datasets) != 1:
+        raise ValueError(f"expected the runs of one dataset, got {sorted(datasets)}")
+    dataset = datasets.pop()
+    if dataset not in targets:
+        raise ValueError(f"no accuracy target declared for dataset {dataset!r}; the config "
+                         f"declares targets for: {', '.join(targets)}")
+    return targets[dataset]
