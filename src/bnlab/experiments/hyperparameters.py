@@ -14,7 +14,7 @@ no-BN's, in percentage points of the grid.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +46,8 @@ PAIRED = PairedClaim(
     "whose run ends at or above the target test accuracy without diverging, with BN minus "
     "without, in percentage points of the grid",
     threshold=10.0, key="grid_diff_pp",
+    note="Inconclusive also when the grid does not separate the variants: on every seed, "
+         "no cell of either variant is good, or every cell of both is.",
 )
 
 
@@ -154,6 +156,9 @@ class Hyperparameters(Experiment):
                      for n in ("none", "bn")}
         decision = PAIRED.decide([100 * (b - a) for a, b in
                                   zip(fractions["none"], fractions["bn"], strict=True)])
+        if all(a == b and a in (0.0, 1.0)
+               for a, b in zip(fractions["none"], fractions["bn"], strict=True)):
+            decision = replace(decision, verdict="inconclusive")
         headline = (
             f"Share of the {len(cfg.cells())}-cell grid (learning rate × init scale × batch "
             f"size) reaching {100 * target:g} %: BN {fmt_ms(fractions['bn'])}, no BN "

@@ -12,7 +12,7 @@ diverging, 0 when none does. The effect is BN's reach minus no-BN's, in grid ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -42,6 +42,8 @@ PAIRED = PairedClaim(
     "run ends at or above the target test accuracy without diverging (0 if none); the "
     "difference is BN's reach minus no-BN's, in steps of the half-decade grid",
     threshold=1.0, key="reach_diff_steps", unit="grid step", suffix="steps",
+    note="Inconclusive also when the grid does not bracket the limit: on every seed, "
+         "neither variant reaches the target at any rate, or both reach it at the largest.",
 )
 
 
@@ -126,6 +128,10 @@ class LrTolerance(Experiment):
                    for n in ("none", "bn")}
         decision = PAIRED.decide([float(b - a) for a, b in
                                   zip(reaches["none"], reaches["bn"], strict=True)])
+        top_of_grid = len(cfg.lrs)
+        if all(a == b and a in (0, top_of_grid)
+               for a, b in zip(reaches["none"], reaches["bn"], strict=True)):
+            decision = replace(decision, verdict="inconclusive")
         top = {n: _lr_at(cfg, min(rs)) for n, rs in reaches.items()}
         headline = (
             f"Largest learning rate reaching {100 * target:g} % on every seed: BN {top['bn']}, "
