@@ -65,8 +65,9 @@ class Convergence(Experiment):
     literature = (
         "Inception on ImageNet: with BN (and the higher learning rate it allows) the network "
         "matched the original's accuracy in 14 times fewer training steps (the paper's "
-        "abstract, Fig. 2 and Table 2). MNIST, a 3-layer sigmoid MLP: the BN network's test "
-        "accuracy is higher than the plain network's throughout training (Fig. 1a)."
+        "abstract and its Inception results). MNIST, a 3-layer sigmoid MLP: the BN "
+        "network's test accuracy is higher than the plain network's throughout training "
+        "(their Fig. 1a)."
     )
     practice: ClassVar[dict[str, str]] = {
         "supported": "Adding BN after each conv/linear layer gets a network of this kind to a "
