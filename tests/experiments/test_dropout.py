@@ -75,12 +75,14 @@ def test_variance_shift_by_hand_on_a_tiny_model() -> None:
     """Dropout → Linear → BN: at inference dropout is off, so the BN input is x Wᵀ + b; its
     unbiased per-channel variance over the data divided by running_var, averaged."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 4), nn.BatchNorm1d(4))
-    net[2].running_var.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
+    linear, bn = nn.Linear(3, 4), nn.BatchNorm1d(4)
+    net = nn.Sequential(nn.Dropout(0.5), linear, bn)
+    running_var = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    bn.running_var.copy_(running_var)
     x = torch.randn(50, 3, dtype=torch.float32)
     with torch.no_grad():
-        h = x.double() @ net[1].weight.double().T + net[1].bias.double()
-    by_hand = (h.var(dim=0, unbiased=True) / net[2].running_var.double()).mean()
+        h = x.double() @ linear.weight.double().T + linear.bias.double()
+    by_hand = (h.var(dim=0, unbiased=True) / running_var.double()).mean()
     net.train()
     shift = variance_shift(net, x, batch=7)  # batches of 7: merged exactly
     assert list(shift) == ["2"]
