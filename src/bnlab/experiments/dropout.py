@@ -135,9 +135,10 @@ class Dropout(Experiment):
         "Li et al. (analysis, and ResNet/DenseNet-style networks on CIFAR-10/100 and "
         "ImageNet): dropout placed before BN makes a BN layer's input variance at inference "
         "differ from the running variance it learnt in training (the 'variance shift'); "
-        "combining the two then often performs worse than either alone, and re-estimating "
-        "BN's statistics with dropout off, or placing dropout after the last BN layer, "
-        "reduces the harm."
+        "the combination then often performs worse than either alone. Their remedies: "
+        "dropout after the last BN layer only, or a variance-stable form of dropout. The "
+        "lab also re-estimates BN's statistics with dropout off, which removes the shift "
+        "by construction, and measures what that repairs."
     )
     practice: ClassVar[dict[str, str]] = {
         "supported": "Dropout before BN helped beyond what either gives alone here: "

@@ -61,9 +61,9 @@ class WeightDecay(Experiment):
         "van Laarhoven (analysis): a layer followed by BN computes the same function at any "
         "scale of its weights, so L2 on those weights does not regularise the function; it "
         "shrinks the weights and so raises the effective learning rate. Zhang et al. (VGG "
-        "and ResNet on CIFAR-10/100, and ImageNet): weight decay still improves the test "
-        "accuracy of BN networks, through that effective learning rate; the seed's reading "
-        "(BN makes L2 unnecessary) is not what either paper found."
+        "and ResNet on CIFAR-10 and CIFAR-100): weight decay still improves the test "
+        "accuracy of BN networks, mainly through that effective learning rate; neither "
+        "paper finds that BN makes L2 unnecessary."
     )
     practice: ClassVar[dict[str, str]] = {
         "supported": "With BN, L2 weight decay adds clearly less than without it: tuning it "
