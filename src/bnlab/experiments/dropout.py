@@ -222,8 +222,8 @@ class Dropout(Experiment):
             f"BN with dropout {p:g} minus the better of BN alone and dropout alone: "
             f"{decision.pm(2)} points; dropout before BN changes BN's test accuracy by "
             f"{text['dropout_cost_pp']} points; the BN layers after a dropout see at "
-            f"inference {text['variance_shift'].lstrip('+')} times the variance they learnt; "
-            f"recalibrating with dropout off adds {text['repair_gain_pp']} points."
+            f"inference {text['variance_shift'].replace('+', '')} times the variance they "
+            f"learnt; recalibrating with dropout off adds {text['repair_gain_pp']} points."
         )
         return Analysis(decision.verdict, headline, PAIRED.effect(
             decision, after={**effect, "claim_dropout": p}), table)
