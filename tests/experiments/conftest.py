@@ -1,4 +1,4 @@
-"""Shared helpers of the lab's tests: synthetic results for an experiment's planned runs."""
+"""Shared helpers of the experiments' tests: synthetic results for every planned run."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ Outcome = Callable[[RunSpec], tuple[dict[str, Any], list[dict[str, Any]]]]
 Synthesise = Callable[..., list[RunResult]]
 
 
-def synthetic_results(name: str, outcome: Outcome, profile: str = "full",
-                      dataset: str = "mnist") -> list[RunResult]:
-    """Results for every run ``name`` plans on ``dataset``: ``outcome(spec) -> (summary,
-    metrics)``."""
+def make_results(name: str, outcome: Outcome, profile: str = "full",
+                 dataset: str = "mnist") -> list[RunResult]:
+    """A result for every run that experiment ``name`` plans on ``dataset``:
+    ``outcome(spec) -> (summary, metrics)``."""
     exp = get_experiment(name)
     out = []
     for spec in exp.runs(exp.config(profile), dataset):
@@ -27,6 +27,6 @@ def synthetic_results(name: str, outcome: Outcome, profile: str = "full",
 
 
 @pytest.fixture
-def lab_results() -> Synthesise:
-    """:func:`synthetic_results`, for the verdict-rule tests of each experiment."""
-    return synthetic_results
+def synthetic_results() -> Synthesise:
+    """:func:`make_results`, for the verdict-rule tests of each experiment."""
+    return make_results

@@ -42,37 +42,37 @@ def by_seed(diffs_pp: list[float]) -> Outcome:
         ([6.0, -4.0, 5.0, -3.0, 4.0], "inconclusive"),  # the interval straddles 1 point
     ],
 )
-def test_convergence_verdicts(lab_results: Results, diffs: list[float], expected: str) -> None:
+def test_convergence_verdicts(synthetic_results: Results, diffs: list[float], expected: str) -> None:
     exp = get_experiment("convergence")
-    a = exp.analyse(exp.config("full"), lab_results("convergence", by_seed(diffs)))
+    a = exp.analyse(exp.config("full"), synthetic_results("convergence", by_seed(diffs)))
     assert a.verdict == expected
     assert a.effect["curve_diff_pp"] == pytest.approx(sum(diffs) / len(diffs))
     assert a.effect["seeds"] == 5 and "95 % CI" in a.headline
 
 
-def test_quick_decides_like_full_on_the_same_seeds(lab_results: Results) -> None:
+def test_quick_decides_like_full_on_the_same_seeds(synthetic_results: Results) -> None:
     """quick is full's protocol on its first three seeds: a clear effect is decided the
     same way, a noisy one stays undecided."""
     exp = get_experiment("convergence")
     quick, full = exp.config("quick"), exp.config("full")
     assert quick.seeds == full.seeds[:3] and quick.steps == full.steps
     clear = by_seed([1.5, 1.8, 1.6, 1.4, 1.7])
-    assert exp.analyse(quick, lab_results("convergence", clear, "quick")).verdict == "supported"
+    assert exp.analyse(quick, synthetic_results("convergence", clear, "quick")).verdict == "supported"
     noisy = by_seed([6.0, -4.0, 5.0])
-    assert exp.analyse(quick, lab_results("convergence", noisy, "quick")).verdict == (
+    assert exp.analyse(quick, synthetic_results("convergence", noisy, "quick")).verdict == (
         "inconclusive")
 
 
 @pytest.mark.parametrize(("dataset", "target", "bn_step"), [("mnist", 0.97, 500),
                                                            ("fashion-mnist", 0.85, 500)])
-def test_steps_to_the_datasets_own_target(lab_results: Results, dataset: str,
+def test_steps_to_the_datasets_own_target(synthetic_results: Results, dataset: str,
                                           target: float, bn_step: int) -> None:
     def outcome(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         final = target + 0.005 if spec.group["norm"] == "bn" else target - 0.05
         return {"test_acc": final}, curve(final)
 
     exp = get_experiment("convergence")
-    a = exp.analyse(exp.config("full"), lab_results("convergence", outcome, dataset=dataset))
+    a = exp.analyse(exp.config("full"), synthetic_results("convergence", outcome, dataset=dataset))
     assert a.effect["target"] == target
     assert a.effect["steps_to_target_bn"] == bn_step
     assert math.isinf(a.effect["steps_to_target_none"])

@@ -53,43 +53,43 @@ def test_the_grid_is_every_combination_with_its_own_settings() -> None:
         ([18, 2, 17, 3, 16], [9, 9, 9, 9, 9], "inconclusive"),
     ],
 )
-def test_hyperparameter_verdicts(lab_results: Results, bn: list[int], none: list[int],
+def test_hyperparameter_verdicts(synthetic_results: Results, bn: list[int], none: list[int],
                                  expected: str) -> None:
     exp = get_experiment("hyperparameters")
-    a = exp.analyse(CFG, lab_results("hyperparameters", good_cells(bn, none)))
+    a = exp.analyse(CFG, synthetic_results("hyperparameters", good_cells(bn, none)))
     assert a.verdict == expected
     assert a.effect["grid_diff_pp"] == pytest.approx(100 * (sum(bn) - sum(none)) / 5 / 18)
     assert a.effect["good_fraction_bn"] == pytest.approx(sum(bn) / 5 / 18)
     assert "18-cell grid" in a.headline and "95 % CI" in a.headline
 
 
-def test_a_grid_that_does_not_separate_decides_nothing(lab_results: Results) -> None:
+def test_a_grid_that_does_not_separate_decides_nothing(synthetic_results: Results) -> None:
     exp = get_experiment("hyperparameters")
     for count in (0, 18):
-        a = exp.analyse(CFG, lab_results("hyperparameters", good_cells([count] * 5, [count] * 5)))
+        a = exp.analyse(CFG, synthetic_results("hyperparameters", good_cells([count] * 5, [count] * 5)))
         assert a.verdict == "inconclusive", count
-    a = exp.analyse(CFG, lab_results("hyperparameters", good_cells([18, 0, 18, 0, 18],
+    a = exp.analyse(CFG, synthetic_results("hyperparameters", good_cells([18, 0, 18, 0, 18],
                                                                   [18, 0, 18, 0, 18])))
     assert a.verdict == "inconclusive"
     assert "does not separate" in exp.rule
 
 
 @pytest.mark.parametrize(("dataset", "fraction"), [("mnist", 0.0), ("fashion-mnist", 1.0)])
-def test_a_cell_is_good_at_the_datasets_own_target(lab_results: Results, dataset: str,
+def test_a_cell_is_good_at_the_datasets_own_target(synthetic_results: Results, dataset: str,
                                                    fraction: float) -> None:
     """85 % reaches Fashion-MNIST's target (80 %), not MNIST's (93 %)."""
-    results = lab_results("hyperparameters", good_cells([18] * 5, [18] * 5, acc=0.85),
+    results = synthetic_results("hyperparameters", good_cells([18] * 5, [18] * 5, acc=0.85),
                           dataset=dataset)
     seed0 = [r for r in results if r.spec.seed == 0 and r.spec.group["norm"] == "bn"]
     assert good_fraction(CFG, seed0, dataset_target(CFG.targets, results)) == fraction
     assert good_fraction(CFG, seed0[:9], 0.5) == pytest.approx(0.5)  # a missing cell: not good
 
 
-def test_dataset_target_refuses_an_undeclared_dataset(lab_results: Results) -> None:
-    results = lab_results("hyperparameters", good_cells([1] * 5, [1] * 5), dataset="digits")
+def test_dataset_target_refuses_an_undeclared_dataset(synthetic_results: Results) -> None:
+    results = synthetic_results("hyperparameters", good_cells([1] * 5, [1] * 5), dataset="digits")
     with pytest.raises(ValueError, match="no accuracy target declared for dataset 'digits'"):
         dataset_target(CFG.targets, results)
-    mixed = results[:1] + lab_results("hyperparameters", good_cells([1] * 5, [1] * 5))[:1]
+    mixed = results[:1] + synthetic_results("hyperparameters", good_cells([1] * 5, [1] * 5))[:1]
     with pytest.raises(ValueError, match="the runs of one dataset"):
         dataset_target(CFG.targets, mixed)
 

@@ -33,10 +33,10 @@ def ranges(bn_pp: list[float], none_pp: list[float]) -> Outcome:
         ([30.0, 2.0, 40.0, 1.0, 35.0], [2.0, 30.0, 1.0, 40.0, 20.0], "inconclusive"),
     ],
 )
-def test_init_sensitivity_verdicts(lab_results: Results, bn: list[float], none: list[float],
+def test_init_sensitivity_verdicts(synthetic_results: Results, bn: list[float], none: list[float],
                                    expected: str) -> None:
     exp = get_experiment("init-sensitivity")
-    a = exp.analyse(exp.config("full"), lab_results("init-sensitivity", ranges(bn, none)))
+    a = exp.analyse(exp.config("full"), synthetic_results("init-sensitivity", ranges(bn, none)))
     assert a.verdict == expected
     assert a.effect["diff_pp"] == pytest.approx((sum(none) - sum(bn)) / 5)
     assert a.effect["range_bn_pp"] == pytest.approx(sum(bn) / 5)

@@ -23,13 +23,13 @@ Results = Callable[..., list[RunResult]]
         ([1.5, -1.0, 1.2, -0.8, 0.9], "inconclusive"),
     ],
 )
-def test_placement_verdicts(lab_results: Results, diffs: list[float], expected: str) -> None:
+def test_placement_verdicts(synthetic_results: Results, diffs: list[float], expected: str) -> None:
     def outcome(spec: RunSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         acc = 0.97 + (diffs[spec.seed] / 100 if spec.group["placement"] == "before" else 0.0)
         return {"test_acc": acc}, [{"step": 1000, "test_acc": acc}]
 
     exp = get_experiment("placement")
-    a = exp.analyse(exp.config("full"), lab_results("placement", outcome))
+    a = exp.analyse(exp.config("full"), synthetic_results("placement", outcome))
     assert a.verdict == expected
     assert a.effect["diff_pp"] == pytest.approx(sum(diffs) / 5)
 

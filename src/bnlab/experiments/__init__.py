@@ -33,7 +33,16 @@ _MODULES: dict[str, str] = {
     "covariate-shift": "covariate_shift",
     "train-eval": "train_eval",
     "batch-size": "batch_size",
+    "weight-decay": "weight_decay",
+    "dropout": "dropout",
+    "input-scale": "input_scale",
+    "gradient-health": "gradient_health",
     "hyperparameters": "hyperparameters",
+    "batch-vs-dataset": "batch_vs_dataset",
+    "santurkar-2018": "santurkar_2018",
+    "yang-2019": "yang_2019",
+    "bjorck-2018": "bjorck_2018",
+    "wu-johnson-2021": "wu_johnson_2021",
 }
 
 

@@ -195,6 +195,8 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum", number(0))
     weight_decay: float = _opt(0.0, "L2 weight decay added to the gradient (torch.optim "
                                "convention)", number(0))
+    decay_weights_only: bool = _opt(False, "apply weight_decay to conv/linear weights only, "
+                                    "not to biases or norm scales/shifts", flag_rule)
     eval_every: int = _opt(100, "evaluate every K steps", whole(1, MAX_COUNT))
     seed: int = _opt(0, "seed for init, batch order and dropout (same seed + threads: same "
                      "run)", whole(*SEED_RANGE))

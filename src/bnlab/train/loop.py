@@ -255,15 +255,30 @@ def _prepare(config: TrainConfig, info: ddp.DistInfo, out_dir: Path | str | None
     writer = RunWriter(out) if out is not None and info.is_main else None
     return _Run(config=config, dist=info, data=data, x_train=x_train, y_train=y_train,
                 total_steps=total, device=device, model=model, net=net,
-                optimizer=_make_optimizer(config, net.parameters()), writer=writer,
+                optimizer=_make_optimizer(config, net), writer=writer,
                 t_start=t_start, generator=torch.Generator().manual_seed(config.seed))
 
 
-def _make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    params: Any = net.parameters()
+    if config.decay_weights_only:
+        params = weight_groups(net)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def weight_groups(net: nn.Module) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the conv/linear weights (decayed with the optimizer's
+    ``weight_decay``), then every other parameter (biases, norm scales and shifts) with
+    ``weight_decay`` 0; each parameter once, in ``net.parameters()`` order."""
+    weights = {id(m.weight) for m in net.modules()
+               if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
+               and isinstance(m.weight, nn.Parameter)}
+    params = list(net.parameters())
+    return [{"params": [p for p in params if id(p) in weights]},
+            {"params": [p for p in params if id(p) not in weights], "weight_decay": 0.0}]
 
 
 def _step(run: _Run) -> float:
