@@ -33,6 +33,7 @@ _MODULES: dict[str, str] = {
     "covariate-shift": "covariate_shift",
     "train-eval": "train_eval",
     "batch-size": "batch_size",
+    "santurkar-2018": "santurkar_2018",
 }
 
 

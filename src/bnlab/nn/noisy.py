@@ -16,7 +16,7 @@ constant of the step (no gradient flows into it).
 
 Eval: plain BatchNorm with the running statistics (no noise). The state dict is BN's.
 
-The noise comes from the layer's own ``torch.Generator`` seeded with ``seed`` (never from
+The noise comes from the layer's own ``torch.Generator`` (never from
 torch's global generator, so the noise changes neither the initialisation nor anything else
 a run draws); :func:`reseed_noise` gives every noisy layer of a model its own stream.
 """
@@ -32,19 +32,22 @@ from torch import Tensor, nn
 class _NoisyBatchNorm(nn.modules.batchnorm._BatchNorm):
     """The noise, added to one of torch's BatchNorm classes (see the module docstring).
 
-    Args: ``num_features``, ``noise_mean`` (a, default 0.5), ``noise_var`` (v, default
-    0.5), ``seed`` (of the layer's generator, default 0) and torch's BatchNorm options.
+    Args: ``num_features``, torch's BatchNorm options, ``noise_mean`` (a, default 0.5) and
+    ``noise_var`` (v, default 0.5). The layer's generator starts from seed 0;
+    :func:`reseed_noise` (which :func:`bnlab.train.build` calls with the run's seed) or
+    ``layer.generator.manual_seed`` gives it another.
     """
 
-    def __init__(self, num_features: int, *, noise_mean: float = 0.5, noise_var: float = 0.5,
-                 seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(num_features, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *,
+                 noise_mean: float = 0.5, noise_var: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
         for name, value in (("noise_mean", noise_mean), ("noise_var", noise_var)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"noisy_bn: {name} must be a number >= 0, got {value!r}")
         self.noise_mean = float(noise_mean)
         self.noise_var = float(noise_var)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(0)
 
     def noise(self) -> tuple[Tensor, Tensor]:
         """One step's per-channel scale γ and shift β, (C,) each, float64 on the CPU."""
