@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlab.experiments import get_experiment
-from bnlab.experiments.base import RunContext, RunResult, RunSpec
+from bnlab.experiments.base import RunContext, RunResult
 from bnlab.experiments.santurkar_2018 import (
     LAYERS,
     PROBED,
@@ -24,6 +25,7 @@ from bnlab.experiments.santurkar_2018 import (
 )
 from bnlab.models.norms import make_norm
 from bnlab.nn import NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyBatchNorm3d, reseed_noise
+from bnlab.nn.noisy import _NoisyBatchNorm
 from bnlab.train import TrainConfig, build
 
 CASES = [(NoisyBatchNorm1d, nn.BatchNorm1d, (8, 5)), (NoisyBatchNorm1d, nn.BatchNorm1d, (8, 5, 3)),
@@ -41,8 +43,8 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _pair(noisy_cls: type[nn.Module], bn_cls: type[nn.Module], shape: tuple[int, ...],
-          **noise: float) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+def _pair(noisy_cls: type[_NoisyBatchNorm], bn_cls: type[_BatchNorm], shape: tuple[int, ...],
+          **noise: float) -> tuple[_NoisyBatchNorm, _BatchNorm, torch.Tensor]:
     torch.manual_seed(0)
     bn = bn_cls(shape[1]).double()
     with torch.no_grad():
@@ -54,8 +56,8 @@ def _pair(noisy_cls: type[nn.Module], bn_cls: type[nn.Module], shape: tuple[int,
 
 
 @pytest.mark.parametrize(("noisy_cls", "bn_cls", "shape"), CASES)
-def test_noisy_bn_without_noise_is_batchnorm_exactly(noisy_cls: type[nn.Module],
-                                                     bn_cls: type[nn.Module],
+def test_noisy_bn_without_noise_is_batchnorm_exactly(noisy_cls: type[_NoisyBatchNorm],
+                                                     bn_cls: type[_BatchNorm],
                                                      shape: tuple[int, ...]) -> None:
     noisy, bn, x = _pair(noisy_cls, bn_cls, shape, noise_mean=0.0, noise_var=0.0)
     for _ in range(3):  # several steps: outputs, every gradient, every buffer
@@ -65,9 +67,8 @@ def test_noisy_bn_without_noise_is_batchnorm_exactly(noisy_cls: type[nn.Module],
         dy = torch.randn_like(ya)
         ya.backward(dy)
         yb.backward(dy)
-        assert torch.equal(xa.grad, xb.grad)
-        assert torch.equal(noisy.weight.grad, bn.weight.grad)
-        assert torch.equal(noisy.bias.grad, bn.bias.grad)
+        for a, b in ((xa, xb), (noisy.weight, bn.weight), (noisy.bias, bn.bias)):
+            assert a.grad is not None and b.grad is not None and torch.equal(a.grad, b.grad)
         x = x * 1.1 + 0.2
     for (ka, va), (kb, vb) in zip(noisy.state_dict().items(), bn.state_dict().items(),
                                   strict=True):
@@ -75,8 +76,8 @@ def test_noisy_bn_without_noise_is_batchnorm_exactly(noisy_cls: type[nn.Module],
 
 
 @pytest.mark.parametrize(("noisy_cls", "bn_cls", "shape"), CASES)
-def test_noisy_bn_in_eval_is_batchnorm_and_draws_nothing(noisy_cls: type[nn.Module],
-                                                         bn_cls: type[nn.Module],
+def test_noisy_bn_in_eval_is_batchnorm_and_draws_nothing(noisy_cls: type[_NoisyBatchNorm],
+                                                         bn_cls: type[_BatchNorm],
                                                          shape: tuple[int, ...]) -> None:
     noisy, bn, x = _pair(noisy_cls, bn_cls, shape)
     noisy(x)  # one training step with noise: the running statistics are BN's
@@ -164,7 +165,9 @@ def test_gradient_ics_matches_a_computation_by_hand() -> None:
     before = copy.deepcopy(model.state_dict())
     ((rel, cos),) = gradient_ics(model, [stage1, stage2], x, y, lr)
 
-    w1, b1 = stage1[0].weight.detach().numpy(), stage1[0].bias.detach().numpy()
+    first = stage1[0]
+    assert isinstance(first, nn.Linear)
+    w1, b1 = first.weight.detach().numpy(), first.bias.detach().numpy()
     w2, b2 = stage2.weight.detach().numpy(), stage2.bias.detach().numpy()
     xn, yn = x.numpy(), y.numpy()
     g = _grads_by_hand(w1, b1, w2, b2, xn, yn)
@@ -230,7 +233,7 @@ def test_the_santurkar_run_is_deterministic_and_probes_bn_and_no_bn() -> None:
         probed = [m for m in out.metrics if "loss_range" in m]
         assert [m["step"] for m in probed] == ([0, 30] if norm in PROBED else [])
         for m in probed:
-            assert all(0 <= m[f"ics_rel_{la}"] and -1 <= m[f"ics_cos_{la}"] <= 1
+            assert all(m[f"ics_rel_{la}"] >= 0 and -1 <= m[f"ics_cos_{la}"] <= 1
                        for la in LAYERS)
 
 
