@@ -107,7 +107,7 @@ class Santurkar2018(Experiment):
     }
     rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
-        "smoke": Config(seeds=(0,), steps=30, record_every=10, probe_every=30),
+        "smoke": Config(seeds=(0,), steps=20, record_every=10, probe_every=20),
         "quick": Config(seeds=(0, 1, 2), steps=4000, record_every=100, probe_every=1000),
         "full": Config(seeds=(0, 1, 2, 3, 4), steps=4000, record_every=100, probe_every=1000),
     }
