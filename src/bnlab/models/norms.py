@@ -7,7 +7,8 @@ inputs with channels on axis 1: ``dim=1`` for (N, C) or (N, C, L), ``dim=2`` for
 
 Built in: ``none`` (identity), every batch-norm kind of :data:`bnlab.nn.kinds.BN_KINDS`
 (``bn``: torch's BatchNorm1d/2d/3d, and bnlab's ``renorm``, ``ghost``, ``frozen``,
-``sync``), ``gn`` (GroupNorm) and ``ln`` (layer norm).
+``sync``), ``gn`` (GroupNorm), ``ln`` (layer norm) and ``noisy_bn`` (BN followed, in
+training, by per-step random scales and shifts: :mod:`bnlab.nn.noisy`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from bnlab.errors import BnlabError
 from bnlab.nn.kinds import BN_KINDS
+from bnlab.nn.noisy import NOISY_CLASSES
 
 NormFactory = Callable[..., nn.Module]
 
@@ -91,3 +93,9 @@ def _ln(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
     # GroupNorm with one group normalises each sample over (C, *spatial), which is layer
     # norm with a per-channel (not per-element) affine, and needs no spatial size upfront.
     return nn.GroupNorm(1, num_features, **kwargs)
+
+
+@register_norm("noisy_bn", "BN + per-step random per-channel scale/shift in training "
+                           "(Santurkar et al. 2018): bnlab.nn.NoisyBatchNorm1d/2d/3d")
+def _noisy_bn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    return NOISY_CLASSES[dim](num_features, **kwargs)

@@ -17,6 +17,7 @@ from bnlab.nn.accumulate import BNAccumulator, accumulate_bn
 from bnlab.nn.fold import fold_bn
 from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyBatchNorm3d, reseed_noise
 from bnlab.nn.recalibrate import recalibrate_bn
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from bnlab.nn.replace import freeze_bn, name_bn_layers, replace_norm, unfreeze_bn
@@ -35,6 +36,9 @@ __all__ += [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "NoisyBatchNorm1d",
+    "NoisyBatchNorm2d",
+    "NoisyBatchNorm3d",
     "NormAct",
     "RewriteReport",
     "RewriteWarning",
@@ -43,5 +47,6 @@ __all__ += [
     "name_bn_layers",
     "recalibrate_bn",
     "replace_norm",
+    "reseed_noise",
     "unfreeze_bn",
 ]

@@ -61,6 +61,10 @@ def build(
                             num_classes=num_classes, norm_kwargs=dict(config.norm_kwargs),
                             **dict(config.model_kwargs))
     scale_init(model, config.init_scale)
+    if seeded and not meta:
+        from bnlab.nn.noisy import reseed_noise
+
+        reseed_noise(model, config.seed)  # noisy_bn layers: their own streams, per run seed
     if device is not None and not meta:
         model.to(device)
     return model
