@@ -33,6 +33,8 @@ _MODULES: dict[str, str] = {
     "covariate-shift": "covariate_shift",
     "train-eval": "train_eval",
     "batch-size": "batch_size",
+    "gradient-health": "gradient_health",
+    "yang-2019": "yang_2019",
 }
 
 
