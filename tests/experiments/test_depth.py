@@ -160,6 +160,7 @@ def test_residual_blocks_compute_x_plus_linear_relu_bn_x() -> None:
     for block in model.blocks[1:]:
         assert isinstance(block, ResidualBlock)
         bn = block.norm
+        assert isinstance(bn, nn.BatchNorm1d)
         normed = F.batch_norm(h, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
         h = h + F.linear(torch.relu(normed), block.layer.weight, block.layer.bias)
     torch.testing.assert_close(y, model.head(h), rtol=1e-12, atol=1e-12)

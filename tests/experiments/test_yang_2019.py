@@ -64,7 +64,7 @@ def results(rate: Rates, acc: float = 0.9) -> list[RunResult]:
             r = rate(spec.group["norm"], spec.seed)
             cells = [f"{w}x{b}" for w in cfg.widths for b in cfg.probe_batches]
             summary = {"test_acc": None, "growth": dict.fromkeys(cells, r),
-                       "norms": dict.fromkeys(cells, [10.0 ** (-r * i) for i in range(4)])}
+                       "norms": {c: [10.0 ** (-r * i) for i in range(4)] for c in cells}}
         else:
             summary = {"test_acc": acc if spec.group["depth"] < 50 else 0.1}
         out.append(RunResult(spec, spec.run_id("yang-2019"), summary, [{"step": 1}]))
