@@ -14,8 +14,7 @@ from torch import nn
 from bnlab.errors import BnlabError
 from bnlab.experiments import get_experiment
 from bnlab.experiments.base import RunContext, RunResult, RunSpec
-from bnlab.experiments.depth import init_grads_run
-from bnlab.experiments.gradient_health import layer_grad_norms, probe_batch
+from bnlab.experiments.depth import first_layer_grad_norm, init_grads_run
 from bnlab.models import build_model
 from bnlab.models.layers import Block
 from bnlab.models.mlp import DeepMLP, ResidualBlock
@@ -100,12 +99,16 @@ def test_init_grads_probe_measures_the_first_layer_of_each_depth() -> None:
     spec = RunSpec({"arch": "residual"}, 3, config, kind="init-grads",
                    params={"depths": [2, 5]})
     out = init_grads_run(spec, RunContext(data))
-    x, y = probe_batch(data)
+    x, y = data.train.tensors[0][:256], data.train.tensors[1][:256]
     for depth in (2, 5):
         cfg = TrainConfig(model="deep_mlp", norm="bn", dataset="digits", seed=3,
                           model_kwargs={"depth": depth, "width": 8, "residual": True})
+        assert out.summary["grad_norm_init"][str(depth)] == first_layer_grad_norm(cfg, data)
         model = build(cfg, data.in_shape, data.num_classes)
-        assert out.summary["grad_norm_init"][str(depth)] == layer_grad_norms(model, x, y)[0]
+        F.cross_entropy(model(x), y).backward()
+        first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+        assert first.weight.grad is not None
+        assert first_layer_grad_norm(cfg, data) == float(first.weight.grad.norm())
     assert "test_acc" in out.summary and out.metrics[0]["step"] == 0
 
 

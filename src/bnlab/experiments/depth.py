@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from bnlab.experiments.analysis import (
     acc_row,
@@ -39,11 +39,15 @@ from bnlab.experiments.base import (
     TrainSettings,
     train_config,
 )
-from bnlab.experiments.gradient_health import layer_grad_norms, probe_batch
+from bnlab.experiments.gradient_health import probe_batch
 from bnlab.experiments.verdict import PairedClaim, compare, mean_std
 from bnlab.train import TrainConfig
 
+if TYPE_CHECKING:
+    from bnlab.data import DatasetSplits
+
 DEPTHS = (4, 16, 100)
+GRAD_BATCH = 256
 ARCHS = ("plain", "residual")
 PAIRED = PairedClaim(
     "Per seed, in the residual deep_mlp at the largest depth: final test accuracy with BN "
@@ -102,7 +106,7 @@ class Depth(Experiment):
             f"norm=bn vs none, SGD lr {cfg.lr} momentum {cfg.momentum}, batch "
             f"{cfg.batch_size}, {cfg.steps} steps for every depth, seeds {list(cfg.seeds)}; "
             f"accuracy on {eval_set_text(cfg.eval_subset)}; first-layer weight-gradient norm "
-            f"at init on the first 256 training images."
+            f"at init on the first {GRAD_BATCH} training images."
         )
 
     def _config(self, cfg: Config, dataset: str, seed: int, norm: str, arch: str,
@@ -188,7 +192,37 @@ class Depth(Experiment):
         return [
             sweep_plot(out_dir / "depth_accuracy.png", cfg.depths, groups, "depth (layers)",
                        f"{cfg.model}: final accuracy vs depth ({cfg.steps} steps)"),
+            grad_norm_plot(out_dir / "depth_grad_norm.png", cfg, results),
         ]
+
+
+def grad_norm_plot(path: Path, cfg: Config, results: list[RunResult]) -> str:
+    """The first layer's gradient norm at init vs depth (geometric mean over seeds), one
+    line per architecture × norm."""
+    import math
+
+    from bnlab._plot import pyplot
+    from bnlab.experiments.plots import COLORS, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for arch, style in (("plain", "-o"), ("residual", "--s")):
+        for norm in ("bn", "none"):
+            ps = select(results, arch=arch, norm=norm, probe="init-grads")
+            if not ps:
+                continue
+            ys = [10 ** (sum(math.log10(max(p.summary["grad_norm_init"][str(d)], 1e-45))
+                             for p in ps) / len(ps)) for d in cfg.depths]
+            ax.plot(cfg.depths, ys, style, color=COLORS[norm], markerfacecolor="none",
+                    label=f"{norm} {arch}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("‖∂loss/∂W₁‖ at init")
+    ax.set_title("first-layer gradient norm at init")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save(fig, path)
 
 
 def _sci(values: list[float]) -> str:
@@ -197,26 +231,43 @@ def _sci(values: list[float]) -> str:
 
 
 def init_grads_run(spec: RunSpec, ctx: RunContext) -> RunOutput:
-    """For each depth of ``spec.params["depths"]``: the model a training run of
-    ``spec.config`` at that depth starts from, and the norm of its first layer's weight
-    gradient on the probe batch (:func:`~bnlab.experiments.gradient_health.layer_grad_norms`).
-    The summary's ``grad_norm_init`` maps each depth (as a string) to that norm."""
+    """For each depth of ``spec.params["depths"]``: :func:`first_layer_grad_norm` of
+    ``spec.config`` at that depth. The summary's ``grad_norm_init`` maps each depth (as a
+    string) to that norm."""
     import time
     from dataclasses import replace
 
-    from bnlab.train import build
-
     t0 = time.perf_counter()
-    x, y = probe_batch(ctx.data)
     norms = {}
     for depth in spec.params["depths"]:
         config = replace(spec.config, model_kwargs={**spec.config.model_kwargs,
                                                     "depth": int(depth)})
-        model = build(config, ctx.data.in_shape, ctx.data.num_classes)
-        norms[str(depth)] = layer_grad_norms(model, x, y)[0]
+        norms[str(depth)] = first_layer_grad_norm(config, ctx.data)
     return RunOutput([{"step": 0, **{f"grad_norm_init_{k}": v for k, v in norms.items()}}],
                      {"wall_time_s": time.perf_counter() - t0, "test_acc": None,
                       "grad_norm_init": norms})
+
+
+def first_layer_grad_norm(config: TrainConfig, data: DatasetSplits) -> float:
+    """‖∂loss/∂W‖ of the first Linear/Conv layer at init, on the first training images.
+
+    The model is the one a training run of ``config`` starts from
+    (:func:`bnlab.train.build`), put in train mode and used once; it is thrown away
+    afterwards.
+    """
+    import torch.nn.functional as F
+    from torch import nn
+
+    from bnlab.train import build
+
+    model = build(config, data.in_shape, data.num_classes)
+    x, y = probe_batch(data, GRAD_BATCH)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    if first.weight.grad is None:
+        raise RuntimeError("the first layer got no gradient")
+    return float(first.weight.grad.norm())
 
 
 EXPERIMENT = Depth()
