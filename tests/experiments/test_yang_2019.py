@@ -95,5 +95,5 @@ def test_yang_table_has_every_map_cell_and_the_residual_row() -> None:
     assert cells == {("plain", d, b) for d in cfg.depths for b in cfg.batches} | {
         ("residual", cfg.residual_depth, b) for b in cfg.batches}
     assert cfg.residual_depth >= 100
-    row = next(r for r in table if r["part"] == "map" and r["depth"] == 10)
+    row = next(r for r in table if r["part"] == "map" and r["depth"] == 8)
     assert row["final_acc"] == "90.00 ± 0.00 %"

@@ -8,8 +8,9 @@ Three measurements on ``deep_mlp`` (ReLU):
     against ``l`` over the width × width hidden layers: decades per layer by which the
     gradient grows towards the input. Depth 50, at each width × probe batch size (and the
     same nets without BN, for comparison);
-(b) a depth × batch-size trainability map: plain BN MLPs (width 64) trained for the same
-    number of steps at each depth and batch size, final test accuracy per cell;
+(b) a depth × batch-size trainability map: plain BN MLPs (width 64) of depth 8 to 64
+    trained for the same number of steps at each depth and batch size, final test
+    accuracy per cell (depth 100 plain is in the ``depth`` experiment);
 (c) the residual BN MLP (pre-activation blocks, :class:`bnlab.models.mlp.DeepMLP`) at depth
     100 at the same batch sizes, next to the map.
 
@@ -78,7 +79,7 @@ class Config(TrainSettings):
     probe_depth: int = 50
     widths: tuple[int, ...] = (64, 256)
     probe_batches: tuple[int, ...] = (64, 256)
-    depths: tuple[int, ...] = (10, 25, 50, 100)
+    depths: tuple[int, ...] = (8, 16, 32, 64)
     batches: tuple[int, ...] = (16, 64, 256)
     residual_depth: int = 100
     width: int = 64
@@ -122,8 +123,8 @@ class Yang2019(Experiment):
         "smoke": Config(seeds=(0,), steps=5, probe_depth=6, widths=(16,),
                         probe_batches=(32,), depths=(2, 6), batches=(16,), residual_depth=6,
                         width=16, eval_subset=200),
-        "quick": Config(seeds=(0, 1, 2), steps=150, eval_subset=2000),
-        "full": Config(seeds=(0, 1, 2, 3, 4), steps=150, eval_subset=2000),
+        "quick": Config(seeds=(0, 1, 2), steps=120, eval_subset=2000),
+        "full": Config(seeds=(0, 1, 2, 3, 4), steps=120, eval_subset=2000),
     }
 
     def protocol(self, cfg: Config) -> str:
