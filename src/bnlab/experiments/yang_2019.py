@@ -85,6 +85,14 @@ class Config(TrainSettings):
     width: int = 64
 
 
+def _fmt_rate(values: Sequence[float]) -> str:
+    """``mean ± std`` of growth rates with three decimals (they are ~0.01-0.1)."""
+    m, s, n = mean_std(values)
+    if n == 0 or not math.isfinite(m):
+        return "n/a"
+    return f"{m:+.3f}" if n == 1 else f"{m:+.3f} ± {s:.3f}"
+
+
 def _cell(width: int, batch: int) -> str:
     return f"{width}x{batch}"
 
@@ -177,7 +185,7 @@ class Yang2019(Experiment):
                     table.append(table_row(
                         {"part": "growth", "arch": "plain", "norm": norm, "depth":
                          cfg.probe_depth, "width": w, "batch": b},
-                        growth_dec_per_layer=fmt_ms(rates, 1.0, ""), seeds=len(ps)))
+                        growth_dec_per_layer=_fmt_rate(rates), seeds=len(ps)))
         cells = [("plain", d) for d in cfg.depths] + [("residual", cfg.residual_depth)]
         for arch, depth in cells:
             for b in cfg.batches:
