@@ -95,8 +95,8 @@ class Depth(Experiment):
     rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
         "smoke": Config(seeds=(0,), steps=5, depths=(4,), width=16, eval_subset=200),
-        "quick": Config(seeds=(0, 1, 2), steps=150, eval_subset=2000),
-        "full": Config(seeds=(0, 1, 2, 3, 4), steps=150, eval_subset=2000),
+        "quick": Config(seeds=(0, 1, 2), steps=120, eval_subset=2000),
+        "full": Config(seeds=(0, 1, 2, 3, 4), steps=120, eval_subset=2000),
     }
 
     def protocol(self, cfg: Config) -> str:

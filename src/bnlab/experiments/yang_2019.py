@@ -131,8 +131,8 @@ class Yang2019(Experiment):
         "smoke": Config(seeds=(0,), steps=5, probe_depth=6, widths=(16,),
                         probe_batches=(32,), depths=(2, 6), batches=(16,), residual_depth=6,
                         width=16, eval_subset=200),
-        "quick": Config(seeds=(0, 1, 2), steps=120, eval_subset=2000),
-        "full": Config(seeds=(0, 1, 2, 3, 4), steps=120, eval_subset=2000),
+        "quick": Config(seeds=(0, 1, 2), steps=100, eval_subset=1000),
+        "full": Config(seeds=(0, 1, 2, 3, 4), steps=100, eval_subset=1000),
     }
 
     def protocol(self, cfg: Config) -> str:
