@@ -6,7 +6,8 @@ num_classes=10, norm_kwargs=None, **model_kwargs)``; ``MODELS`` maps names to bu
 - ``seed_cnn`` (:class:`~bnlab.models.cnn.SeedCNN`, kwargs ``dropout=0.0``),
 - ``mnist_net`` (:class:`~bnlab.models.cnn.MnistNet`, ``dropout=0.25``),
 - ``paper_mlp`` (:class:`~bnlab.models.mlp.PaperMLP`, ``width=100``),
-- ``deep_mlp`` (:class:`~bnlab.models.mlp.DeepMLP`, ``depth=4, width=100, dropout=0.0``),
+- ``deep_mlp`` (:class:`~bnlab.models.mlp.DeepMLP`, ``depth=4, width=100, dropout=0.0,
+  residual=False``; ``residual=True``: pre-activation residual blocks),
 - ``deep_cnn`` (:class:`~bnlab.models.cnn.DeepCNN`, ``depth=8, width=16``).
 
 Every norm layer is made by :func:`bnlab.models.norms.make_norm`; every model is built
@@ -39,7 +40,8 @@ DESCRIPTIONS: dict[str, str] = {
     "seed_cnn": "seed-001 CNN: 2x(conv3x3, norm, ReLU, pool), fc 128 + norm, fc",
     "mnist_net": "seed-002 CNN: conv32, conv64 (no padding), pool, dropout .25, fc 128 + norm",
     "paper_mlp": "Ioffe & Szegedy 2015 §4.1: 3 hidden layers of 100 sigmoids",
-    "deep_mlp": "depth x (Linear width, norm, ReLU), for the depth claim",
+    "deep_mlp": "depth x (Linear width, norm, ReLU), for the depth claim; residual=true: "
+                "x + Linear(ReLU(norm(x))) blocks",
     "deep_cnn": "depth x (conv3x3 width, norm, ReLU), global average pool, fc",
 }
 

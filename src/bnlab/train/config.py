@@ -315,7 +315,9 @@ def check_model_options(model: str, options: dict[str, Any]) -> None:
     for key, value in options.items():
         default = _declared_default("model_kwargs", f"model {model!r}", declared, key)
         try:
-            if _is_int(default):
+            if isinstance(default, bool):
+                flag_rule(key, value)
+            elif _is_int(default):
                 whole(1, MODEL_OPTION_LIMITS.get(key, MAX_COUNT))(key, value)
             elif isinstance(default, float):
                 number(0.0, 1.0 if key == "dropout" else math.inf)(key, value)
