@@ -33,6 +33,10 @@ _MODULES: dict[str, str] = {
     "covariate-shift": "covariate_shift",
     "train-eval": "train_eval",
     "batch-size": "batch_size",
+    "input-scale": "input_scale",
+    "batch-vs-dataset": "batch_vs_dataset",
+    "bjorck-2018": "bjorck_2018",
+    "wu-johnson-2021": "wu_johnson_2021",
 }
 
 
