@@ -109,3 +109,21 @@ def test_bn_after_the_first_layer_removes_the_input_standardisation() -> None:
     for a, b in zip(block_outputs(model, x * std + mean), block_outputs(shifted, x),
                     strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_each_variant_is_read_at_its_best_learning_rate() -> None:
+    """Dataset normalisation alone matches BN at one rate of the grid only: the verdict
+    compares the two at their best rates, so BN does not win."""
+    exp = get_experiment("batch-vs-dataset")
+    cfg = exp.config("full")
+
+    def acc(spec: Any) -> float:
+        if spec.group["norm"] == "bn":
+            return 0.96
+        good = spec.group["inputs"] == "standardised" and spec.group["lr"] == max(cfg.lrs)
+        return 0.96 + 0.001 * spec.seed if good else 0.5
+
+    a = exp.analyse(cfg, results(acc))
+    assert a.verdict == "not supported"
+    assert a.effect["diff_pp"] == pytest.approx(-0.2)
+    assert a.effect["input_gain_pp"] == pytest.approx(46.2)

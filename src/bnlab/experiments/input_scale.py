@@ -2,10 +2,11 @@
 
 The identity: a BN layer normalises its input with the batch's own mean and variance, so
 multiplying what comes before it by a factor ``c`` (the inputs, or the weights of the layer
-feeding it) changes nothing after it. With BN's ``eps`` it is exact in a shifted form,
-``BN_eps(c·z) = BN_{eps/c²}(z)``: for ``c >= 1`` the output is unchanged to float
-precision, for a tiny ``c`` the first layer's ``eps`` is no longer negligible next to the
-variance and the output shrinks. Without BN nothing removes ``c``.
+feeding it) changes nothing after it, and the gradient with respect to those weights is
+unchanged too (so SGD follows the same path). With BN's ``eps`` it is exact in a shifted
+form, ``BN_eps(c·z) = BN_{eps/c²}(z)``: the output changes by the order of eps / variance,
+float-level where the variance is far above eps; for a tiny ``c`` the first layer's
+variance times c² meets eps and the output shrinks. Without BN nothing removes ``c``.
 
 Protocol, two run kinds: a probe at init (per layer, the relative change of each block's
 output, and of the logits, when the inputs or the pre-BN weights are multiplied by each
@@ -60,6 +61,7 @@ class Config(TrainSettings):
     BN; the probe multiplies the inputs and the pre-BN weights by the same factors."""
 
     scales: tuple[float, ...] = SCALES
+    lr: float = 0.1
     model: str = "paper_mlp"
 
 
@@ -212,9 +214,10 @@ class InputScale(Experiment):
             f"are multiplied by each factor of {list(cfg.scales)}. Training: inputs (train "
             f"and test) multiplied by each factor, SGD lr {cfg.lr} momentum {cfg.momentum}, "
             f"batch {cfg.batch_size}, {cfg.steps} steps, seeds {list(cfg.seeds)}, final "
-            f"accuracy on {eval_set_text(cfg.eval_subset)}. BN's eps (1e-5) makes it exactly "
-            f"BN with eps/c² on unscaled inputs: invariant to float precision for c >= 1, "
-            f"not for a tiny c (the first layer's variance times c² meets eps)."
+            f"accuracy on {eval_set_text(cfg.eval_subset)}. With BN's eps (1e-5) a BN layer "
+            f"fed c·z computes exactly BN with eps/c² on z: the change is of the order of "
+            f"eps / variance, float-level where the variance is far above eps, not for a "
+            f"tiny c (the first layer's variance times c² meets eps)."
         )
 
     def runs(self, cfg: Config, dataset: str) -> list[RunSpec]:
