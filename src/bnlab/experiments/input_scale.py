@@ -149,12 +149,9 @@ def probe_run(spec: RunSpec, ctx: RunContext) -> RunOutput:
     init (running statistics at their initial values) goes with it."""
     import time
 
-    import torch
-
     from bnlab.train import build, evaluate
 
     t0 = time.perf_counter()
-    torch.set_num_threads(ctx.threads)
     model = build(spec.config, ctx.data.in_shape, ctx.data.num_classes)
     model.train()
     x = ctx.data.train.tensors[0][:int(spec.params["batch"])]

@@ -120,7 +120,7 @@ class WuJohnson2021(Experiment):
         "ResNet-50 on ImageNet (their §3, figures of validation accuracy along training): "
         "evaluated with the EMA running statistics, accuracy is lower and noisier than with "
         "precise statistics (PreciseBN) at the same weights; the gap is large early in "
-        "training and with a large learning rate (large batch), and small at the end of a "
+        "training and with a large learning rate, and small at the end of a "
         "standard schedule. The lab compares the direction, not ImageNet accuracies."
     )
     practice: ClassVar[dict[str, str]] = {
