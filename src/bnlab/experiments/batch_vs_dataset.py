@@ -105,7 +105,7 @@ class BatchVsDataset(Experiment):
     }
     rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
-        "smoke": Config(seeds=(0,), steps=20, eval_subset=200),
+        "smoke": Config(seeds=(0,), steps=20, eval_subset=200, lrs=(0.1,)),
         "quick": Config(seeds=(0, 1, 2), steps=1000),
         "full": Config(seeds=(0, 1, 2, 3, 4), steps=1000),
     }
