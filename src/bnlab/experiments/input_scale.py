@@ -272,8 +272,11 @@ class InputScale(Experiment):
         )
         notes = [
             f"BN's eps: with inputs × {small:g} the BN model's outputs at init change by up "
-            f"to {worst_change(bn_probes, 'input', small):.1e} (relative): the first layer's "
-            f"batch variance times {small:g}² is no longer large next to eps.",
+            f"to {worst_change(bn_probes, 'input', small):.1e} (relative), with every pre-BN "
+            f"layer's weights × {small:g} by up to "
+            f"{worst_change(bn_probes, 'weights', small):.1e}: a layer's batch variance "
+            f"times {small:g}² is no longer large next to eps (1e-5), the hidden layers' "
+            f"least of all.",
         ]
         mean_bn, _, _ = mean_std(spreads["bn"])
         return Analysis(decision.verdict, headline, PAIRED.effect(
