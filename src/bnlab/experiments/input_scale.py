@@ -72,7 +72,7 @@ def scaled_inputs(data: DatasetSplits, scale: float, shift: float = 0.0) -> Data
 
     def mapped(split: TensorDataset) -> TensorDataset:
         x, y = split.tensors
-        return TensorDataset(x * scale + shift, y)
+        return TensorDataset(x * scale + shift if shift else x * scale, y)
 
     return replace(data, train=mapped(data.train), test=mapped(data.test))
 
