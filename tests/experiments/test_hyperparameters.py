@@ -95,4 +95,5 @@ def test_dataset_target_refuses_an_undeclared_dataset(synthetic_results: Results
 
 
 def test_model_text_names_every_option() -> None:
-    assert model_text("deep_mlp", {"depth": 8}) == "deep_mlp (depth 8, width 100, dropout 0.0)"
+    assert model_text("deep_mlp", {"depth": 8}) == (
+        "deep_mlp (depth 8, width 100, dropout 0.0, residual False)")
