@@ -416,11 +416,12 @@ def test_train_runs_differing_only_by_seed_are_grouped_up_to_the_cap(
 
 def test_runs_the_engine_cannot_prove_exact_are_not_grouped(
         tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dropout (random masks per seed), another run kind, or an experiment's own "train"
-    function: one run per task."""
-    dropout = TinyConfig(model="deep_mlp", model_kwargs=(("width", 8), ("dropout", 0.5)))
-    monkeypatch.setitem(Tiny.profiles, "smoke", dropout)
-    assert all(len(t) == 1 for t in tasks_of(tiny, dropout))
+    """Dropout (random masks per seed), convolutions (exact, but slower stacked), another
+    run kind, or an experiment's own "train" function: one run per task."""
+    for cfg in (TinyConfig(model="deep_mlp", model_kwargs=(("width", 8), ("dropout", 0.5))),
+                TinyConfig(model="seed_cnn", model_kwargs=())):
+        monkeypatch.setitem(Tiny.profiles, "smoke", cfg)
+        assert all(len(t) == 1 for t in tasks_of(tiny, cfg))
     monkeypatch.setitem(Tiny.profiles, "smoke", TinyConfig())
     monkeypatch.setattr(Tiny, "runners", lambda self: {"train": lambda s, c: None})
     assert all(len(t) == 1 for t in tasks_of(tiny, TinyConfig()))

@@ -8,9 +8,10 @@ gets its data explicitly, in a :class:`~bnlab.experiments.base.RunContext`.
 Plain training runs (kind ``"train"``) of one experiment whose configs differ only by the
 seed are trained together in one child, stacked (:func:`bnlab.train.stacked.train_stacked`,
 at most :data:`~bnlab.train.stacked.MAX_STACK` seeds), where the stacked engine can prove
-that exact; the child writes each run's folder as a lone run would (``config.json`` first,
-``summary.json`` last), so a group killed midway loses only its unfinished runs and a
-rerun does each of them once. The others run one per child.
+that exact and it is faster (:func:`~bnlab.train.stacked.worth_stacking`); the child
+writes each run's folder as a lone run would (``config.json`` first, ``summary.json``
+last), so a group killed midway loses only its unfinished runs and a rerun does each of
+them once. The others run one per child.
 """
 
 from __future__ import annotations
@@ -143,14 +144,14 @@ def group_runs(p: PlannedExperiment, todo: list[PlannedRun], *, stack: bool = Tr
                ) -> list[list[PlannedRun]]:
     """``todo`` as the lab's tasks, in order: each a run alone, or (``stack``) up to
     :data:`~bnlab.train.stacked.MAX_STACK` plain training runs whose specs differ only by
-    the seed and which :func:`~bnlab.train.stacked.stack_refusal` accepts, trained
-    together. Only runs the experiment performs with the plain loop (its ``"train"`` run
-    function is :func:`~bnlab.experiments.base.train_run`) are grouped."""
+    the seed, trained together where :func:`~bnlab.train.stacked.worth_stacking` says
+    it is exact and faster. Only runs the experiment performs with the plain loop (its
+    ``"train"`` run function is :func:`~bnlab.experiments.base.train_run`) are grouped."""
     exp = p.experiment
     if not stack or exp.runners().get("train") is not train_run \
             or type(exp).execute is not Experiment.execute:
         return [[r] for r in todo]
-    from bnlab.train.stacked import MAX_STACK, stack_refusal
+    from bnlab.train.stacked import MAX_STACK, worth_stacking
 
     cells: dict[str, list[PlannedRun]] = {}
     tasks: list[list[PlannedRun]] = []
@@ -168,10 +169,10 @@ def group_runs(p: PlannedExperiment, todo: list[PlannedRun], *, stack: bool = Tr
         cell.append(run)
     out: list[list[PlannedRun]] = []
     for task in tasks:
-        if len(task) > 1 and stack_refusal([r.spec.config for r in task]) is not None:
-            out += [[r] for r in task]
-        else:
+        if len(task) == 1 or worth_stacking([r.spec.config for r in task]):
             out.append(task)
+        else:
+            out += [[r] for r in task]
     return out
 
 

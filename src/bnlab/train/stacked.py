@@ -103,6 +103,19 @@ def stack_refusal(configs: Sequence[TrainConfig]) -> str | None:
     return _module_refusal(build(config, in_shape, classes, device="meta"))
 
 
+def worth_stacking(configs: Sequence[TrainConfig]) -> bool:
+    """Whether the lab should train ``configs`` stacked: exact (:func:`stack_refusal`
+    accepts them), several, and faster than one by one, which holds for models without
+    convolutions (a stacked conv is a grouped conv, compute-bound: stacked seed_cnn steps
+    were measured slower than separate ones at one thread, while MLP steps, dominated by
+    per-operation overhead, are faster; see ``benchmarks/bench_lab.py``)."""
+    if len(configs) < 2 or stack_refusal(configs) is not None:
+        return False
+    in_shape, classes = dataset_shape(configs[0])
+    model = build(configs[0], in_shape, classes, device="meta")
+    return not any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 class _Stack:
     """The stacked parameters and buffers of some seeds' models, and their optimizer.
     Each model's tensors are views of its slice, so the loop's functions see its state."""
