@@ -19,7 +19,7 @@ import pytest
 from bnlab.cli import main
 from bnlab.experiments import experiment_names, get_experiment
 from bnlab.experiments.base import VERDICTS
-from bnlab.experiments.runner import plan
+from bnlab.experiments.runner import group_runs, plan
 
 NAMES = experiment_names()
 
@@ -73,23 +73,30 @@ def test_sigkill_then_rerun_gives_every_run_exactly_once(
     assert isinstance(out, Path)
     completed = smoke_lab["completed"]
     assert isinstance(completed, dict) and len(completed) >= 6
+    stacked = 0
     # the runs in flight died with the parent (PR_SET_PDEATHSIG): none finished after it
     assert smoke_lab["late"] == []
     # completed runs were kept, not redone
     for path, mtime in completed.items():
         assert path.stat().st_mtime_ns == mtime, path
+    stackable = 0
     for p in plan(NAMES, "smoke", "mnist", out):
         planned = {r.run_dir for r in p.runs}
         on_disk = set((out / p.experiment.name / "runs").iterdir())
         assert on_disk == planned, p.experiment.name
+        stackable += sum(len(t) for t in group_runs(p, p.runs) if len(t) > 1)
         for run in p.runs:
             config = json.loads((run.run_dir / "config.json").read_text())
             assert config["run_id"] == run.run_id
             summary = json.loads((run.run_dir / "summary.json").read_text())
-            assert "test_acc" in summary
+            assert summary["wall_time_s"] >= 0, run.run_dir  # what every run kind writes
+            stacked += summary.get("stacked", 1) > 1
             steps = [json.loads(line)["step"]
                      for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
             assert steps and steps == sorted(set(steps)), run.run_dir  # no duplicated rows
+    # the runner trained the seeds of a cell together where it could (a group cut by the
+    # kill has its remaining runs redone on their own, or stacked again if several)
+    assert (stacked > 0) == (stackable > 0), (stacked, stackable)
     assert "total" in smoke_lab["stdout"]  # type: ignore[operator]
     for name in NAMES:
         assert name in smoke_lab["stdout"]  # type: ignore[operator]

@@ -83,8 +83,9 @@ class Fake(Experiment):
         diffs = [100 * (h.summary["test_acc"] - low.summary["test_acc"])
                  for h, low in zip(sorted(hi, key=lambda r: r.spec.seed),
                                    sorted(lo, key=lambda r: r.spec.seed), strict=True)]
-        verdict, d, se = compare(diffs, 1.0)
-        return Analysis(verdict, f"{d:+.2f} points", {"diff_pp": d, "se_pp": se},
+        decision = compare(diffs, 1.0)
+        d = decision.mean
+        return Analysis(decision.verdict, f"{d:+.2f} points", {"diff_pp": d, "se_pp": decision.se},
                         [{"lr": lr, "n": len([r for r in results if r.spec.group["lr"] == lr])}
                          for lr in cfg.lrs])
 
@@ -339,3 +340,132 @@ def test_report_errors(fake: Fake, tmp_path: Path) -> None:
     (out / "fake" / "result.json").write_text("{not json")
     with pytest.raises(BnlabError, match=f"corrupted result file {out / 'fake' / 'result.json'}"):
         write_report(out)
+
+
+# --------------------------------------------------------------------------- stacked seeds
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    norms: tuple[str, ...] = ("bn", "none")
+    model: str = "paper_mlp"
+    model_kwargs: tuple[tuple[str, Any], ...] = (("width", 16),)
+
+
+class Tiny(Experiment):
+    """Plain training runs (kind "train", the base run function) of a small MLP on digits."""
+
+    name = "tiny"
+    claim = "BN helps."
+    seeds = "none"
+    rule = "whatever"
+    profiles: ClassVar[dict[str, TinyConfig]] = {p: TinyConfig()
+                                                 for p in ("smoke", "quick", "full")}
+
+    def protocol(self, cfg: TinyConfig) -> str:
+        return "tiny"
+
+    def runs(self, cfg: TinyConfig, dataset: str) -> list[RunSpec]:
+        return [RunSpec({"norm": n}, s, TrainConfig(
+            dataset=dataset, model=cfg.model, norm=n, model_kwargs=dict(cfg.model_kwargs),
+            seed=s, steps=12, eval_every=5, lr=0.05, eval_subset=100))
+            for n in cfg.norms for s in cfg.seeds]
+
+    def analyse(self, cfg: TinyConfig, results: list[RunResult]) -> Analysis:
+        return Analysis("inconclusive", "n/a", {}, [{"runs": len(results)}])
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch) -> Tiny:
+    """The tiny experiment as the only one; one thread per run (two OpenMP threads on a
+    busy machine can be many times slower)."""
+    exp = Tiny()
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 1)
+    monkeypatch.setattr(runner, "experiment_names", lambda: ["tiny"])
+    monkeypatch.setattr(runner, "get_experiment", lambda name: exp)
+    return exp
+
+
+def tiny_lab(out: Path, **kw: Any) -> dict[str, dict[str, Any]]:
+    """Run the tiny lab; every run's summary and metrics by run id."""
+    runner.run_lab(["tiny"], out=out, dataset="digits", progress=False, **kw)
+    return {d.name: {"summary": json.loads((d / "summary.json").read_text()),
+                     "metrics": [json.loads(line) for line in
+                                 (d / "metrics.jsonl").read_text().splitlines()],
+                     "mtime": (d / "summary.json").stat().st_mtime_ns}
+            for d in sorted((out / "tiny" / "runs").iterdir())}
+
+
+def tasks_of(exp: Experiment, cfg: Any, **kw: Any) -> list[list[tuple[str, int]]]:
+    [p] = runner.plan([exp.name], "smoke", "digits", Path("unused"))
+    return [[(r.spec.group["norm"], r.spec.seed) for r in t]
+            for t in runner.group_runs(p, p.runs, **kw)]
+
+
+def test_train_runs_differing_only_by_seed_are_grouped_up_to_the_cap(
+        tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny.config("smoke")
+    bn = [("bn", s) for s in cfg.seeds]
+    no = [("none", s) for s in cfg.seeds]
+    assert tasks_of(tiny, cfg) == [bn, no]
+    assert tasks_of(tiny, cfg, stack=False) == [[r] for r in bn + no]
+    monkeypatch.setattr("bnlab.train.stacked.MAX_STACK", 2)
+    assert tasks_of(tiny, cfg) == [bn[:2], bn[2:], no[:2], no[2:]]
+
+
+def test_runs_the_engine_cannot_prove_exact_are_not_grouped(
+        tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout (random masks per seed), convolutions (exact, but slower stacked), another
+    run kind, or an experiment's own "train" function: one run per task."""
+    for cfg in (TinyConfig(model="deep_mlp", model_kwargs=(("width", 8), ("dropout", 0.5))),
+                TinyConfig(model="seed_cnn", model_kwargs=())):
+        monkeypatch.setitem(Tiny.profiles, "smoke", cfg)
+        assert all(len(t) == 1 for t in tasks_of(tiny, cfg))
+    monkeypatch.setitem(Tiny.profiles, "smoke", TinyConfig())
+    monkeypatch.setattr(Tiny, "runners", lambda self: {"train": lambda s, c: None})
+    assert all(len(t) == 1 for t in tasks_of(tiny, TinyConfig()))
+    runs = Tiny.runs
+    monkeypatch.setattr(Tiny, "runs", lambda self, cfg, dataset: [
+        replace(s, kind="probe") for s in runs(self, cfg, dataset)])
+    monkeypatch.setattr(Tiny, "runners", lambda self: {"probe": lambda s, c: None})
+    assert all(len(t) == 1 for t in tasks_of(tiny, TinyConfig()))
+
+
+def test_stacked_runs_write_the_same_folders_as_separate_runs(
+        tiny: Tiny, tmp_path: Path) -> None:
+    """Same run ids, the same metrics rows (float32 rounding apart), each run's share of
+    the group's time and ``stacked: 3``; a run of a killed group is redone alone, once."""
+    stacked = tiny_lab(tmp_path / "stacked")
+    alone = tiny_lab(tmp_path / "alone", stack=False)
+    assert stacked.keys() == alone.keys() and len(stacked) == 6
+    for run_id, s in stacked.items():
+        a = alone[run_id]
+        assert s["summary"]["stacked"] == 3 and "stacked" not in a["summary"]
+        assert s["summary"]["wall_time_s"] > 0
+        assert [r["step"] for r in s["metrics"]] == [r["step"] for r in a["metrics"]] \
+            == [5, 10, 12]
+        for rs, ra in zip(s["metrics"], a["metrics"], strict=True):
+            assert rs["test_loss"] == pytest.approx(ra["test_loss"], rel=1e-5)
+            assert rs["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
+            assert abs(rs["test_acc"] - ra["test_acc"]) * rs["test_n"] <= 1
+        assert s["summary"]["config"] == a["summary"]["config"]
+    victim = sorted(stacked)[1]
+    (tmp_path / "stacked" / "tiny" / "runs" / victim / "summary.json").unlink()
+    again = tiny_lab(tmp_path / "stacked")
+    assert [k for k in again if again[k]["mtime"] != stacked[k]["mtime"]] == [victim]
+    assert "stacked" not in again[victim]["summary"]  # the group's last run, trained alone
+
+
+def test_a_failed_group_leaves_an_error_in_each_of_its_runs(
+        tiny: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(configs: Any, data: Any) -> Any:
+        raise RuntimeError("stacked boom")
+
+    monkeypatch.setattr("bnlab.train.stacked.train_stacked", boom)
+    monkeypatch.setattr(Tiny, "warm_up", False)  # the warm-up would call it here
+    with pytest.raises(BnlabError, match=r"6 run\(s\) failed"):
+        runner.run_lab(["tiny"], out=tmp_path / "lab", dataset="digits", progress=False)
+    errors = sorted((tmp_path / "lab").glob("tiny/runs/*/error.txt"))
+    assert len(errors) == 6 and all("stacked boom" in e.read_text() for e in errors)
+    assert not list((tmp_path / "lab").glob("tiny/runs/*/summary.json"))

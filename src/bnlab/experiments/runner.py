@@ -4,11 +4,20 @@ Resumable and lossless through the store (:mod:`bnlab.experiments.store`: a comp
 is never redone, a killed one is redone from scratch); parallel through the scheduler
 (:mod:`bnlab.experiments.scheduler`: forked children that die with the parent). Each run
 gets its data explicitly, in a :class:`~bnlab.experiments.base.RunContext`.
+
+Plain training runs (kind ``"train"``) of one experiment whose configs differ only by the
+seed are trained together in one child, stacked (:func:`bnlab.train.stacked.train_stacked`,
+at most :data:`~bnlab.train.stacked.MAX_STACK` seeds), where the stacked engine can prove
+that exact and it is faster (:func:`~bnlab.train.stacked.worth_stacking`); the child
+writes each run's folder as a lone run would (``config.json`` first, ``summary.json``
+last), so a group killed midway loses only its unfinished runs and a rerun does each of
+them once. The others run one per child.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 import traceback
@@ -20,7 +29,7 @@ from bnlab._lock import folder_lock
 from bnlab._progress import Progress
 from bnlab.errors import BnlabError
 from bnlab.experiments import experiment_names, get_experiment, scheduler, store
-from bnlab.experiments.base import PROFILES, RunContext
+from bnlab.experiments.base import PROFILES, Experiment, RunContext, RunOutput, train_run
 from bnlab.experiments.store import CorruptRun, PlannedExperiment, PlannedRun
 
 
@@ -82,8 +91,11 @@ def run_lab(
     data_dir: str | Path | None = None,
     dataset: str = "mnist",
     progress: bool | None = None,
+    stack: bool = True,
 ) -> list[ExperimentOutcome]:
-    """Run the experiments ``names`` (resuming what is done) and write their results."""
+    """Run the experiments ``names`` (resuming what is done) and write their results.
+
+    ``stack=False`` runs every run in a child of its own (no stacked seeds)."""
     check_profile(profile)
     if jobs < 1:
         raise BnlabError(f"--jobs must be a positive whole number, got {jobs}")
@@ -99,20 +111,24 @@ def run_lab(
         pending = [r for p in planned for r in p.runs if not done[r.run_id]]
         threads = scheduler.threads_per_run(jobs)
         ctx = None
+        tasks = {p.experiment.name: group_runs(p, [r for r in p.runs if not done[r.run_id]],
+                                               stack=stack) for p in planned}
         if pending:
             # loaded once, here: fails early with the data module's own message, and the
             # forked runs share it
             data = load_dataset(dataset, data_dir)
-            scheduler.warm_up((r.spec.config for p in planned for r in p.runs
-                               if not done[r.run_id] and p.experiment.warm_up), data)
+            warm = [t for p in planned if p.experiment.warm_up
+                    for t in tasks[p.experiment.name]]
+            scheduler.warm_up((r.spec.config for t in warm for r in t), data,
+                              stacked=(t[0].spec.config for t in warm if len(t) > 1))
             ctx = RunContext(data=data, threads=threads, progress=progress if jobs == 1 else False)
 
         start = time.monotonic()
         with Progress(len(done), "lab", enabled=progress, unit="run", position=0) as bar:
             bar.update(len(done) - len(pending))
             outcomes = [
-                _run_experiment(p, [r for r in p.runs if not done[r.run_id]], ctx, jobs=jobs,
-                                bar=bar, profile=profile, dataset=dataset)
+                _run_experiment(p, tasks[p.experiment.name], ctx, jobs=jobs, bar=bar,
+                                profile=profile, dataset=dataset)
                 for p in planned
             ]
         print_summary(outcomes, time.monotonic() - start, jobs, threads)
@@ -124,21 +140,60 @@ def run_lab(
         return outcomes
 
 
-def _run_experiment(p: PlannedExperiment, todo: list[PlannedRun], ctx: RunContext | None, *,
-                    jobs: int, bar: Progress, profile: str, dataset: str) -> ExperimentOutcome:
-    """The runs ``todo`` of ``p`` (forked), then its results if none failed."""
+def group_runs(p: PlannedExperiment, todo: list[PlannedRun], *, stack: bool = True
+               ) -> list[list[PlannedRun]]:
+    """``todo`` as the lab's tasks, in order: each a run alone, or (``stack``) up to
+    :data:`~bnlab.train.stacked.MAX_STACK` plain training runs whose specs differ only by
+    the seed, trained together where :func:`~bnlab.train.stacked.worth_stacking` says
+    it is exact and faster. Only runs the experiment performs with the plain loop (its
+    ``"train"`` run function is :func:`~bnlab.experiments.base.train_run`) are grouped."""
+    exp = p.experiment
+    if not stack or exp.runners().get("train") is not train_run \
+            or type(exp).execute is not Experiment.execute:
+        return [[r] for r in todo]
+    from bnlab.train.stacked import MAX_STACK, worth_stacking
+
+    cells: dict[str, list[PlannedRun]] = {}
+    tasks: list[list[PlannedRun]] = []
+    for run in todo:
+        spec = run.spec
+        if spec.kind != "train":
+            tasks.append([run])
+            continue
+        key = json.dumps(replace(spec, seed=0, config=replace(spec.config, seed=0))
+                         .identity(p.experiment.name), sort_keys=True, default=str)
+        cell = cells.get(key)
+        if cell is None or len(cell) == MAX_STACK:
+            cell = cells[key] = []
+            tasks.append(cell)
+        cell.append(run)
+    out: list[list[PlannedRun]] = []
+    for task in tasks:
+        if len(task) == 1 or worth_stacking([r.spec.config for r in task]):
+            out.append(task)
+        else:
+            out += [[r] for r in task]
+    return out
+
+
+def _run_experiment(p: PlannedExperiment, tasks: list[list[PlannedRun]],
+                    ctx: RunContext | None, *, jobs: int, bar: Progress, profile: str,
+                    dataset: str) -> ExperimentOutcome:
+    """The ``tasks`` of ``p`` (forked), then its results if no run failed."""
     t0 = time.monotonic()
     bar.set_postfix(experiment=p.experiment.name)
     failed: list[PlannedRun] = []
-    if todo and ctx is not None:
-        failed = scheduler.run_forked(
-            todo, functools.partial(_perform, p, ctx=ctx), jobs=jobs,
-            threads=ctx.threads, bar=bar, title=p.experiment.name,
-            describe=lambda r: f"{r.spec.label()}, seed={r.spec.seed}",
+    if tasks and ctx is not None:
+        failed_tasks = scheduler.run_forked(
+            tasks, functools.partial(_perform, p, ctx=ctx), jobs=jobs,
+            threads=ctx.threads, bar=bar, title=p.experiment.name, size=len,
+            describe=_describe,
         )
+        failed = [r for t in failed_tasks for r in t]
     verdict = None
     if not failed:
-        verdict = write_results(p, profile, dataset, time.monotonic() - t0, ran=len(todo))
+        verdict = write_results(p, profile, dataset, time.monotonic() - t0,
+                                ran=sum(map(len, tasks)))
     return ExperimentOutcome(p.experiment.name, verdict, time.monotonic() - t0,
                              len(p.runs) - len(failed), len(p.runs),
                              [str(r.run_dir) for r in failed])
@@ -153,20 +208,40 @@ def _is_done(run: PlannedRun) -> bool:
         return False
 
 
-def _perform(p: PlannedExperiment, run: PlannedRun, ctx: RunContext) -> None:
-    """One run, in its forked child: a fresh folder, the run, its files (error.txt and
-    exit status 1 if it raises)."""
+def _describe(task: list[PlannedRun]) -> str:
+    seeds = ",".join(str(r.spec.seed) for r in task)
+    return f"{task[0].spec.label()}, seed{'s' if len(task) > 1 else ''}={seeds}"
+
+
+def _perform(p: PlannedExperiment, task: list[PlannedRun], ctx: RunContext) -> None:
+    """One task, in its forked child: a fresh folder per run, the run(s) (one alone, or a
+    group stacked), each run's files (error.txt in each unfinished run's folder and exit
+    status 1 if it raises)."""
+    finished = 0
     try:
-        store.begin_run(run, p.experiment.name)
-        spec = replace(run.spec, config=replace(run.spec.config, threads=ctx.threads))
-        store.write_run_files(run.run_dir, p.experiment.execute(spec, ctx))
+        for run in task:
+            store.begin_run(run, p.experiment.name)
+        specs = [replace(r.spec, config=replace(r.spec.config, threads=ctx.threads))
+                 for r in task]
+        if len(task) == 1:
+            outputs = [p.experiment.execute(specs[0], ctx)]
+        else:
+            from bnlab.train.stacked import train_stacked
+
+            outputs = [RunOutput(t.metrics, t.summary)
+                       for t in train_stacked([s.config for s in specs], ctx.data)]
+        for run, output in zip(task, outputs, strict=True):
+            store.write_run_files(run.run_dir, output)
+            finished += 1
     except BaseException as exc:
         text = "".join(traceback.format_exception(exc))
-        store.write_error(run, text)
+        for run in task[finished:]:
+            store.write_error(run, text)
+        ids = ", ".join(r.run_id for r in task[finished:])
         if isinstance(exc, BnlabError):
-            print(f"run {run.run_id}: error: {exc}", file=sys.stderr)
+            print(f"run {ids}: error: {exc}", file=sys.stderr)
         else:
-            print(f"run {run.run_id} failed:\n{text}", file=sys.stderr)
+            print(f"run {ids} failed:\n{text}", file=sys.stderr)
         sys.exit(1)
 
 

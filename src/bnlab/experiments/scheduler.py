@@ -1,8 +1,9 @@
 """Where the lab's runs execute: forked children, a few at a time, with their threads set.
 
-``--jobs N`` keeps N children busy with ``cores // N`` torch threads each. A child dies
-with its parent (``PR_SET_PDEATHSIG``), so a SIGKILL of ``bnlab experiment`` loses at
-most the runs in flight. Before any fork, :func:`warm_up` pays the one-time cost of a first
+``--jobs N`` keeps N children busy with ``cores // N`` torch threads each; a child performs
+one task (one run, or a group of seeds trained stacked: one job). A child dies with its
+parent (``PR_SET_PDEATHSIG``), so a SIGKILL of ``bnlab experiment`` loses at most the
+runs in flight. Before any fork, :func:`warm_up` pays the one-time cost of a first
 training step once, in the parent.
 """
 
@@ -38,25 +39,34 @@ def threads_per_run(jobs: int) -> int:
     return max(1, available_cores() // jobs)
 
 
-def warm_up(configs: Iterable[TrainConfig], data: DatasetSplits) -> None:
+def warm_up(configs: Iterable[TrainConfig], data: DatasetSplits, *,
+            stacked: Iterable[TrainConfig] = ()) -> None:
     """Train each model of ``configs`` for one step here, in the parent, before any fork:
     the first step in a process pays ~1 s of one-time setup (lazy imports, kernel
-    selection) that every forked run would otherwise pay again. One thread, so no OpenMP
-    pool exists at fork time (a forked child must not inherit one); restored afterwards."""
+    selection) that every forked run would otherwise pay again; likewise two seeds of each
+    model of ``stacked`` together (:func:`bnlab.train.stacked.train_stacked`, whose first
+    call sets up ``torch.func``). One thread, so no OpenMP pool exists at fork time (a
+    forked child must not inherit one); restored afterwards."""
     import torch
 
     from bnlab.train import train
+    from bnlab.train.stacked import train_stacked
 
-    seen: dict[str, TrainConfig] = {}
-    for config in configs:
-        seen.setdefault(config.model, config)
+    def models(cfgs: Iterable[TrainConfig]) -> list[TrainConfig]:
+        seen: dict[str, TrainConfig] = {}
+        for config in cfgs:
+            seen.setdefault(config.model, config)
+        return [replace(c, steps=1, epochs=None, eval_every=1, eval_subset=10,
+                        eval_train=False, train_subset=None, threads=1, batch_size=2)
+                for c in seen.values()]
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        for config in seen.values():
-            tiny = replace(config, steps=1, epochs=None, eval_every=1, eval_subset=10,
-                           eval_train=False, train_subset=None, threads=1, batch_size=2)
+        for tiny in models(configs):
             train(tiny, out_dir=None, progress=False, data=data)
+        for tiny in models(stacked):
+            train_stacked([replace(tiny, seed=0), replace(tiny, seed=1)], data)
     finally:
         torch.set_num_threads(threads)
 
@@ -88,9 +98,11 @@ def _child(work: Callable[[T], None], task: T, threads: int) -> None:
 
 
 def run_forked(tasks: Sequence[T], work: Callable[[T], None], *, jobs: int, threads: int,
-               bar: Progress, describe: Callable[[T], str], title: str) -> list[T]:
+               bar: Progress, describe: Callable[[T], str], title: str,
+               size: Callable[[T], int] = lambda task: 1) -> list[T]:
     """``work(task)`` for every task, each in a forked child with ``threads`` threads, at
-    most ``jobs`` at a time; the progress bar counts the children that succeeded. Returns
+    most ``jobs`` at a time; the progress bar counts the runs (``size(task)`` per task) of
+    the children that succeeded. Returns
     the tasks whose child failed (a non-zero exit). Children still running when this
     returns early (an exception, ^C) are killed."""
     ctx = multiprocessing.get_context("fork")
@@ -111,7 +123,7 @@ def run_forked(tasks: Sequence[T], work: Callable[[T], None], *, jobs: int, thre
                 proc.join()
                 task = active.pop(proc)
                 if proc.exitcode == 0:
-                    bar.update(1)
+                    bar.update(size(task))
                 else:
                     failed.append(task)
     finally:
