@@ -22,7 +22,8 @@ from bnlab.train.stacked import stack_refusal, train_stacked
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-MODELS = {"paper_mlp": {"width": 32}, "deep_mlp": {"depth": 3, "width": 32}}
+MODELS = {"paper_mlp": {"width": 32}, "deep_mlp": {"depth": 3, "width": 32},
+          "deep_mlp residual": {"depth": 3, "width": 32, "residual": True}}
 TIMING = ("wall_time_s", "train_time_s", "step_time_ms", "stacked")
 
 
@@ -71,7 +72,7 @@ def assert_same_run(stacked: TrainResult, alone: TrainResult) -> None:
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("norm", ["bn", "none"])
 def test_stacked_seeds_equal_separate_runs(digits: Any, model: str, norm: str) -> None:
-    cfgs = configs((0, 1, 2), model=model, norm=norm, model_kwargs=MODELS[model])
+    cfgs = configs((0, 1, 2), model=model.split()[0], norm=norm, model_kwargs=MODELS[model])
     assert stack_refusal(cfgs) is None
     stacked = train_stacked(cfgs, digits)
     for result, cfg in zip(stacked, cfgs, strict=True):
@@ -114,6 +115,7 @@ def test_a_diverging_seed_stops_and_the_others_go_on(digits: Any) -> None:
     ({"model": "deep_mlp", "model_kwargs": {"width": 8, "dropout": 0.5}},
      r"blocks?.*dropout|dropout.*random masks"),
     ({"optimizer": "adam"}, "optimizer 'adam'"),
+    ({"weight_decay": 1e-3, "decay_weights_only": True}, "decay_weights_only"),
     ({"norm": "bn", "norm_kwargs": {"momentum": None}}, "momentum=None"),
     ({"norm": "ghost"}, "GhostBatchNorm1d.*not a layer the stacked engine knows"),
 ])

@@ -255,14 +255,13 @@ def _prepare(config: TrainConfig, info: ddp.DistInfo, out_dir: Path | str | None
     writer = RunWriter(out) if out is not None and info.is_main else None
     return _Run(config=config, dist=info, data=data, x_train=x_train, y_train=y_train,
                 total_steps=total, device=device, model=model, net=net,
-                optimizer=_make_optimizer(config, net), writer=writer,
+                optimizer=_make_optimizer(config, weight_groups(net) if config.decay_weights_only
+                                              else net.parameters()), writer=writer,
                 t_start=t_start, generator=torch.Generator().manual_seed(config.seed))
 
 
-def _make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
-    params: Any = net.parameters()
-    if config.decay_weights_only:
-        params = weight_groups(net)
+def _make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """The optimizer over ``params`` (parameters, or groups from :func:`weight_groups`)."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)

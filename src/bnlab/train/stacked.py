@@ -37,7 +37,7 @@ from torch.func import functional_call, vmap
 
 from bnlab.models.cnn import DeepCNN, MnistNet, SeedCNN
 from bnlab.models.layers import Block
-from bnlab.models.mlp import DeepMLP, PaperMLP
+from bnlab.models.mlp import DeepMLP, PaperMLP, ResidualBlock
 from bnlab.train import loop
 from bnlab.train.builder import build, dataset_shape
 from bnlab.train.config import TrainConfig, validate_config
@@ -52,7 +52,8 @@ buffers (BN's running statistics are updated in place per slice). Matched by exa
 a subclass may add what the check cannot see. ``nn.Dropout`` only with ``p == 0``."""
 
 STACKABLE_CONTAINERS: tuple[type[nn.Module], ...] = (
-    PaperMLP, DeepMLP, SeedCNN, MnistNet, DeepCNN, Block, nn.Sequential, nn.ModuleList,
+    PaperMLP, DeepMLP, SeedCNN, MnistNet, DeepCNN, Block, ResidualBlock, nn.Sequential,
+    nn.ModuleList,
 )
 """Modules with children whose own forward only composes them (exact type)."""
 
@@ -97,6 +98,8 @@ def stack_refusal(configs: Sequence[TrainConfig]) -> str | None:
     config = configs[0]
     if config.optimizer != "sgd":
         return f"optimizer {config.optimizer!r} (only SGD is proven exact here)"
+    if config.decay_weights_only:
+        return "decay_weights_only (one parameter group is stacked here)"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "a distributed run (WORLD_SIZE > 1)"
     in_shape, classes = dataset_shape(config)
