@@ -83,8 +83,9 @@ class Fake(Experiment):
         diffs = [100 * (h.summary["test_acc"] - low.summary["test_acc"])
                  for h, low in zip(sorted(hi, key=lambda r: r.spec.seed),
                                    sorted(lo, key=lambda r: r.spec.seed), strict=True)]
-        verdict, d, se = compare(diffs, 1.0)
-        return Analysis(verdict, f"{d:+.2f} points", {"diff_pp": d, "se_pp": se},
+        decision = compare(diffs, 1.0)
+        d = decision.mean
+        return Analysis(decision.verdict, f"{d:+.2f} points", {"diff_pp": d, "se_pp": decision.se},
                         [{"lr": lr, "n": len([r for r in results if r.spec.group["lr"] == lr])}
                          for lr in cfg.lrs])
 
@@ -100,7 +101,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fake:
     exp.log = tmp_path / "executions.jsonl"
     monkeypatch.setattr(runner, "experiment_names", lambda: ["fake"])
     monkeypatch.setattr(runner, "get_experiment", lambda name: exp)
-    monkeypatch.setattr("bnlab.experiments.report.experiment_names", lambda: ["fake"])
+    monkeypatch.setattr("bnlab.experiments.summary.experiment_names", lambda: ["fake"])
     return exp
 
 
@@ -323,11 +324,11 @@ def test_report_md_and_self_contained_html(fake: Fake, tmp_path: Path) -> None:
     html = page.read_text()
     assert html.count("src='data:image/png;base64,") == 1
     assert "http://" not in html and "https://" not in html
-    # --out copies what the report needs, not the per-run files
+    # --out copies what the report needs, not the per-run files, under profile-dataset/
     md2, _ = write_report(out, tmp_path / "docs")
-    assert (tmp_path / "docs" / "fake" / "fake.png").is_file()
-    assert not (tmp_path / "docs" / "fake" / "runs").exists()
-    assert md2.read_text() == text
+    assert (tmp_path / "docs" / "smoke-digits" / "fake" / "fake.png").is_file()
+    assert not (tmp_path / "docs" / "smoke-digits" / "fake" / "runs").exists()
+    assert md2.read_text() == text.replace("](fake/", "](smoke-digits/fake/")
 
 
 def test_report_errors(fake: Fake, tmp_path: Path) -> None:

@@ -292,11 +292,12 @@ def readme_block(labs: list[Lab], report_link: str) -> str:
                      f"{e.transfers()} |")
     lines.append("")
     for e in items:
-        said = ", ".join(f"{k} **{r['verdict']}**" for k, r in e.cells.items())
-        shown = [k for k in e.cells if k.startswith("full/")] or [list(e.cells)[-1]]
-        heads = " ".join(f"{k}: {e.cells[k].get('headline', '')}" for k in shown)
+        said = ", ".join(f"`{k}` **{r['verdict']}**" for k, r in e.cells.items())
+        full = [k for k in e.cells if k.startswith("full/")]
+        shown = full or [list(e.cells)[-1]]
+        heads = " ".join(f"*{k}:* {e.cells[k].get('headline', '')}" for k in shown)
         flag = " **Contradiction between profiles.**" if e.contradictions() else ""
-        lines.append(f"- **{e.name}** ({said}).{flag} {heads}".rstrip())
+        lines.append(f"- **{e.name}**: {said}.{flag} {heads}".rstrip())
     return "\n".join(lines) + "\n"
 
 
