@@ -79,7 +79,8 @@ def _intro(labs: list[Lab]) -> list[str]:
     for lab in labs:
         version = ", ".join(sorted({str(r.get("bnlab_version")) for r in lab.results.values()}))
         out.append(f"`{lab.key}`: profile `{lab.profile}`, dataset `{lab.dataset}`, bnlab "
-                   f"{version}, {len(lab.results)} experiments, {lab.wall_s / 60:.1f} min wall "
+                   f"{version}, {len(lab.results)} experiment{'s' * (len(lab.results) != 1)}, "
+                   f"{lab.wall_s / 60:.1f} min wall "
                    f"time (the sum of their `elapsed_s`)")
     return out
 
@@ -197,7 +198,10 @@ table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
 th,td{border:1px solid #d0d7de;padding:.35em .6em;text-align:left;vertical-align:top}
 th{background:#f6f8fa}
 .verdict{white-space:nowrap;font-weight:700;padding:.1em .5em;border-radius:.3em;color:#fff;
-font-size:.85em}
+font-size:.85em;display:inline-block;margin:.1em 0}
+h2 .verdict{font-size:.5em;vertical-align:middle}
+.verdict .cell{font-weight:400;opacity:.9;font-family:ui-monospace,monospace}
+td.name{white-space:nowrap}
 img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0;display:block}
 section{margin-top:3em;padding-top:.5em}
 .small{color:#57606a;font-size:.9em}
@@ -218,14 +222,16 @@ code{background:#eff1f3;padding:0 .25em;border-radius:.2em}
 """
 
 
-def _badge(v: str) -> str:
+def _badge(v: str, cell: str = "") -> str:
+    """A verdict in its colour; with ``cell``, labelled with the lab it comes from."""
+    label = f"<span class='cell'>{html.escape(cell)}</span> " if cell else ""
     return (f'<span class="verdict" style="background:{VERDICT_COLORS.get(v, "#57606a")}">'
-            f"{html.escape(v)}</span>")
+            f"{label}{html.escape(v)}</span>")
 
 
 def _html_entry(e: Entry, labs: list[Lab], layout: Layout) -> list[str]:
     esc = html.escape
-    badges = " ".join(_badge(r["verdict"]) for r in e.cells.values())
+    badges = " ".join(_badge(r["verdict"], k) for k, r in e.cells.items())
     parts = [f"<section id='{esc(e.name)}'><h2>{esc(e.name)} {badges}</h2>"]
     if e.quote:
         parts.append(f"<blockquote>{esc(e.quote)}</blockquote>")
@@ -325,7 +331,7 @@ def render_html(labs: list[Lab], layout: Layout) -> str:
         for e in group:
             cells = "".join(f"<td>{_badge(e.cells[k]['verdict'])}</td>" if k in e.cells
                             else "<td>—</td>" for k in keys)
-            parts.append(f"<tr><td>{esc(e.claim)}</td><td><a href='#{esc(e.name)}'>"
+            parts.append(f"<tr><td>{esc(e.claim)}</td><td class='name'><a href='#{esc(e.name)}'>"
                          f"{esc(e.name)}</a></td>{cells}<td>{esc(e.transfers())}</td>"
                          f"<td>{esc(e.source())}</td></tr>")
         parts.append("</table>")
