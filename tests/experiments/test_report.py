@@ -178,7 +178,8 @@ def test_multi_folder_report_shows_every_cell_and_copies_by_cell(tmp_path: Path)
         assert (out / slug / CLAIM / "p.png").read_bytes() == PNG
         assert (out / slug / CLAIM / f"{CLAIM}.csv").is_file()
     md = written.markdown.read_text()
-    assert "| claim | experiment | quick/mnist | full/mnist | full/fashion-mnist | transfers |" in md
+    assert ("| claim | experiment | quick/mnist | full/mnist | full/fashion-mnist | "
+            "transfers |") in md
     assert (f"| claim of {CLAIM} | [`{CLAIM}`](#{CLAIM}) | **inconclusive** | **supported** | "
             f"**supported** | yes | seeds 000, 001 |") in md
     assert f"> the seeds' words on {CLAIM}" in md
