@@ -16,6 +16,7 @@ import html
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,7 +367,7 @@ def _copy_lab(lab: Lab, target: Path) -> None:
                 atomic_write_bytes(target / name / f, (lab.root / name / f).read_bytes())
 
 
-def write_labs_report(folders: list[str | Path], out: str | Path | None = None,
+def write_labs_report(folders: Sequence[str | Path], out: str | Path | None = None,
                       readme: str | Path | None = None) -> Report:
     """Write ``report.md``, ``report.html`` and ``verdicts.json`` for the lab folders.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def load_lab(folder: str | Path) -> Lab:
     return Lab(profile, dataset, root, {r["name"]: r for r in results})
 
 
-def load_labs(folders: list[str | Path]) -> list[Lab]:
+def load_labs(folders: Sequence[str | Path]) -> list[Lab]:
     """Several lab folders, in cell order (smoke, quick, full; mnist, fashion-mnist, …);
     two folders of the same profile and dataset are refused."""
     labs = sorted((load_lab(f) for f in folders), key=Lab.sort_key)
