@@ -291,3 +291,12 @@ def test_readme_block_is_generated_from_the_committed_results() -> None:
     assert block == expected, (
         "README.md's results block is not what the committed docs/results/ give; "
         "regenerate it with `bnlab report ... --out docs/results --readme README.md`")
+
+
+def test_a_reports_out_folder_reads_back_as_its_labs(tmp_path: Path) -> None:
+    out = tmp_path / "docs"
+    first = write_labs_report(three_labs(tmp_path), out)
+    again = write_labs_report([out], out)  # regenerated from the copies, in place
+    assert [lab.key for lab in again.labs] == ["quick/mnist", "full/mnist",
+                                               "full/fashion-mnist"]
+    assert again.markdown.read_text() == first.markdown.read_text()

@@ -99,9 +99,11 @@ def load_lab(folder: str | Path) -> Lab:
 
 
 def load_labs(folders: Sequence[str | Path]) -> list[Lab]:
-    """Several lab folders, in cell order (smoke, quick, full; mnist, fashion-mnist, …);
-    two folders of the same profile and dataset are refused."""
-    labs = sorted((load_lab(f) for f in folders), key=Lab.sort_key)
+    """The labs in several folders (each a lab folder, or a report's ``--out`` holding
+    one per profile and dataset: :func:`committed_labs`), in cell order (smoke, quick,
+    full; mnist, fashion-mnist, …); two folders of the same profile and dataset are
+    refused."""
+    labs = sorted((lab for f in folders for lab in committed_labs(f)), key=Lab.sort_key)
     keys = [lab.key for lab in labs]
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
@@ -111,18 +113,21 @@ def load_labs(folders: Sequence[str | Path]) -> list[Lab]:
 
 
 def committed_labs(root: str | Path) -> list[Lab]:
-    """The labs a report's ``--out`` holds (e.g. ``docs/results``): every subfolder with
-    results (``docs/results/<profile>-<dataset>/NAME/result.json``), or the folder itself
-    when its results lie directly in it (a report written from one folder in place)."""
+    """The labs in ``root``: the folder itself when its results lie directly in it (a lab
+    folder), else every subfolder with results (a report's ``--out``, e.g.
+    ``docs/results/<profile>-<dataset>/NAME/result.json``)."""
     base = Path(root)
     if not base.is_dir():
-        raise BnlabError(f"{base} is not a folder; expected a report's --out folder")
+        raise BnlabError(f"{base} is not a folder; expected the --out folder of "
+                         f"'bnlab experiment'")
     names = experiment_names()
+    if any((base / n / RESULT).is_file() for n in names):
+        return [load_lab(base)]
     subs = [d for d in sorted(base.iterdir())
             if d.is_dir() and any((d / n / RESULT).is_file() for n in names)]
     if subs:
-        return load_labs(list(subs))
-    return [load_lab(base)]
+        return sorted((load_lab(d) for d in subs), key=Lab.sort_key)
+    return [load_lab(base)]  # its error names what is missing
 
 
 @dataclass
