@@ -300,3 +300,13 @@ def test_a_reports_out_folder_reads_back_as_its_labs(tmp_path: Path) -> None:
     assert [lab.key for lab in again.labs] == ["quick/mnist", "full/mnist",
                                                "full/fashion-mnist"]
     assert again.markdown.read_text() == first.markdown.read_text()
+
+
+def test_a_contradiction_is_flagged_in_the_summary_and_the_section(tmp_path: Path) -> None:
+    written = write_labs_report(three_labs(tmp_path, quick="not supported"), tmp_path / "o")
+    md = written.markdown.read_text()
+    assert f"[`{CLAIM}`](#{CLAIM}) (contradiction) |" in md
+    assert (f"**Contradiction between profiles:** {CLAIM} on mnist: quick not supported, full "
+            "supported.") in md
+    assert f"[`{OTHER}`](#{OTHER}) |" in md
+    assert "<b>Contradiction between profiles:</b>" in written.html.read_text()

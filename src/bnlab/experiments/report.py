@@ -111,7 +111,8 @@ def _md_summary(items: list[Entry], keys: list[str]) -> list[str]:
         for e in group:
             cells = " | ".join(f"**{e.cells[k]['verdict']}**" if k in e.cells else "—"
                                for k in keys)
-            lines.append(f"| {_md_cell(e.claim)} | [`{e.name}`](#{e.name}) | {cells} | "
+            flag = " (contradiction)" if e.contradictions() else ""
+            lines.append(f"| {_md_cell(e.claim)} | [`{e.name}`](#{e.name}){flag} | {cells} | "
                          f"{e.transfers()} | {_md_cell(e.source())} |")
     return lines
 
@@ -129,6 +130,8 @@ def _md_entry(e: Entry, labs: list[Lab], layout: Layout) -> list[str]:
         lines.append(f"| `{k}` | **{r['verdict']}** | {_md_cell(r.get('headline', ''))} |")
     lines += ["", f"**Transfers between datasets** (the same `full` verdict on each): "
                   f"{_transfers(e)}.", ""]
+    lines += [f"**Contradiction between profiles:** {line.removeprefix('contradiction: ')}."
+              for line in e.contradiction_lines()] + ([""] if e.contradictions() else [])
     if e.literature or e.papers:
         lab_side = "<br>".join(f"`{k}` **{r['verdict']}**: {_md_cell(r.get('headline', ''))}"
                                for k, r in e.cells.items())
@@ -248,6 +251,9 @@ def _html_entry(e: Entry, labs: list[Lab], layout: Layout) -> list[str]:
     parts.append("</table>")
     parts.append(f"<p><b>Transfers between datasets</b> (the same <code>full</code> verdict on "
                  f"each): {esc(_transfers(e)).replace('`', '')}.</p>")
+    parts += [f"<p class='alert'><b>Contradiction between profiles:</b> "
+              f"{esc(line.removeprefix('contradiction: '))}.</p>"
+              for line in e.contradiction_lines()]
     if e.literature or e.papers:
         lab_side = "".join(f"<p><code>{esc(k)}</code> {_badge(r['verdict'])} "
                            f"{esc(r.get('headline', ''))}</p>" for k, r in e.cells.items())
@@ -333,7 +339,8 @@ def render_html(labs: list[Lab], layout: Layout) -> str:
             cells = "".join(f"<td>{_badge(e.cells[k]['verdict'])}</td>" if k in e.cells
                             else "<td>—</td>" for k in keys)
             parts.append(f"<tr><td>{esc(e.claim)}</td><td class='name'><a href='#{esc(e.name)}'>"
-                         f"{esc(e.name)}</a></td>{cells}<td>{esc(e.transfers())}</td>"
+                         f"{esc(e.name)}</a>{' ⚠' if e.contradictions() else ''}</td>{cells}"
+                         f"<td>{esc(e.transfers())}</td>"
                          f"<td>{esc(e.source())}</td></tr>")
         parts.append("</table>")
     parts.append("</nav>")
