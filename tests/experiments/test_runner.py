@@ -314,9 +314,18 @@ def test_unknown_experiment_lists_the_valid_ones(fake: Fake, tmp_path: Path) -> 
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_report_md_and_self_contained_html(fake: Fake, tmp_path: Path) -> None:
+def test_report_md_and_self_contained_html(fake: Fake, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    declaration = {"quote": "Higher is better.", "section": "literature",
+                   "papers": "Someone, 2020", "literature": "CIFAR-10: higher is better",
+                   "practice": {"supported": "a", "not supported": "b", "inconclusive": "c"}}
+    for k, v in declaration.items():
+        monkeypatch.setattr(Fake, k, v)
     out = tmp_path / "lab"
     lab(out)
+    # result.json carries the declaration, so a report needs only the results folder
+    result = json.loads((out / "fake" / "result.json").read_text())
+    assert {k: result[k] for k in declaration} == declaration
     md, page = write_report(out)
     text = md.read_text()
     assert "| Higher learning rates give higher accuracy. | [`fake`](#fake) | **supported**" in text
