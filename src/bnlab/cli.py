@@ -174,11 +174,9 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
 
 def _run_experiment(args: argparse.Namespace) -> int:
     if args.action == "list":
-        from bnlab.experiments import experiment_names, get_experiment
+        from bnlab.experiments.summary import listing
 
-        for name in experiment_names():
-            exp = get_experiment(name)
-            print(f"{name:<18} {exp.claim} (seeds: {exp.seeds})")
+        print("\n".join(listing()))
         return 0
     from bnlab.experiments import experiment_names
     from bnlab.experiments.runner import run_lab
@@ -190,17 +188,29 @@ def _run_experiment(args: argparse.Namespace) -> int:
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", metavar="DIR", help="the --out folder of 'bnlab experiment'")
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="the --out folder(s) of 'bnlab experiment', one per profile and dataset")
     p.add_argument("--out", default=None,
-                   help="write the report (and copies of results and plots) here instead of DIR")
+                   help="write the report (and copies of results and plots, under "
+                        "OUT/<profile>-<dataset>/) here instead of DIR; needed with several DIRs")
+    p.add_argument("--readme", default=None, metavar="README",
+                   help="regenerate the results block (between <!-- results:begin --> and "
+                        "<!-- results:end -->) of this file")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if a claim is supported in one profile and not supported in "
+                        "another on the same dataset")
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from bnlab.experiments.report import write_report
+    from bnlab.experiments.report import write_labs_report
 
-    md, page = write_report(args.dir, args.out)
-    print(f"wrote {md} and {page}")
-    return 0
+    written = write_labs_report(args.dirs, args.out, args.readme)
+    print(f"wrote {written.markdown} and {written.html}")
+    if args.readme is not None:
+        print(f"updated the results block of {args.readme}")
+    for line in written.contradictions:
+        print(line)
+    return 1 if args.check and written.contradictions else 0
 
 
 # --------------------------------------------------------------------------- recalibrate /
@@ -364,9 +374,13 @@ COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], H
     ),
     (
         "report",
-        "write report.md and a self-contained report.html from a lab results folder",
-        "Per claim: the verdict, the numbers, the plots (embedded in the HTML), the protocol, "
-        "the rule and the time it took.",
+        "write report.md, a self-contained report.html and verdicts.json from lab folders",
+        "Each DIR is one profile on one dataset; the report puts them side by side. Per "
+        "claim: the seeds' words, the verdict per profile and dataset, whether it transfers "
+        "between datasets, the literature beside the lab's result, what it means in "
+        "practice, the numbers, the plots (embedded in the HTML), the protocol, the rule and "
+        "the time it took. Claims supported in one profile and not supported in another on "
+        "the same dataset are printed, one line each (--check: exit 1 then).",
         _add_report,
         _run_report,
     ),

@@ -173,10 +173,16 @@ def test_cli_report_on_a_folder_without_results(tmp_path: Path,
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
-def test_cli_list_shows_the_nine_names(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_list_shows_every_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed claims, then the literature, each in the report's order (the full set of names:
+    this fails until every experiment is registered)."""
     assert main(["experiment", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    claims = ["convergence", "lr-tolerance", "depth", "init-sensitivity", "regularization",
+              "placement", "covariate-shift", "train-eval", "batch-size", "weight-decay",
+              "dropout", "input-scale", "gradient-health", "hyperparameters",
+              "batch-vs-dataset"]
+    literature = ["santurkar-2018", "yang-2019", "bjorck-2018", "wu-johnson-2021"]
     assert [line.split()[0] for line in lines] == [
-        "convergence", "lr-tolerance", "depth", "init-sensitivity", "regularization",
-        "placement", "covariate-shift", "train-eval", "batch-size",
-    ]
+        "Seed", *claims, "Literature:", *literature]
+    assert lines[0] == "Seed claims:"

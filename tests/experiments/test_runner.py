@@ -101,7 +101,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fake:
     exp.log = tmp_path / "executions.jsonl"
     monkeypatch.setattr(runner, "experiment_names", lambda: ["fake"])
     monkeypatch.setattr(runner, "get_experiment", lambda name: exp)
-    monkeypatch.setattr("bnlab.experiments.report.experiment_names", lambda: ["fake"])
+    monkeypatch.setattr("bnlab.experiments.summary.experiment_names", lambda: ["fake"])
     return exp
 
 
@@ -314,9 +314,18 @@ def test_unknown_experiment_lists_the_valid_ones(fake: Fake, tmp_path: Path) -> 
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_report_md_and_self_contained_html(fake: Fake, tmp_path: Path) -> None:
+def test_report_md_and_self_contained_html(fake: Fake, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    declaration = {"quote": "Higher is better.", "section": "literature",
+                   "papers": "Someone, 2020", "literature": "CIFAR-10: higher is better",
+                   "practice": {"supported": "a", "not supported": "b", "inconclusive": "c"}}
+    for k, v in declaration.items():
+        monkeypatch.setattr(Fake, k, v)
     out = tmp_path / "lab"
     lab(out)
+    # result.json carries the declaration, so a report needs only the results folder
+    result = json.loads((out / "fake" / "result.json").read_text())
+    assert {k: result[k] for k in declaration} == declaration
     md, page = write_report(out)
     text = md.read_text()
     assert "| Higher learning rates give higher accuracy. | [`fake`](#fake) | **supported**" in text
@@ -324,11 +333,11 @@ def test_report_md_and_self_contained_html(fake: Fake, tmp_path: Path) -> None:
     html = page.read_text()
     assert html.count("src='data:image/png;base64,") == 1
     assert "http://" not in html and "https://" not in html
-    # --out copies what the report needs, not the per-run files
+    # --out copies what the report needs, not the per-run files, under profile-dataset/
     md2, _ = write_report(out, tmp_path / "docs")
-    assert (tmp_path / "docs" / "fake" / "fake.png").is_file()
-    assert not (tmp_path / "docs" / "fake" / "runs").exists()
-    assert md2.read_text() == text
+    assert (tmp_path / "docs" / "smoke-digits" / "fake" / "fake.png").is_file()
+    assert not (tmp_path / "docs" / "smoke-digits" / "fake" / "runs").exists()
+    assert md2.read_text() == text.replace("](fake/", "](smoke-digits/fake/")
 
 
 def test_report_errors(fake: Fake, tmp_path: Path) -> None:
