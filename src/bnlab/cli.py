@@ -162,7 +162,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
                            formatter_class=_HelpFormatter)
     for q in (run, every):
         q.add_argument("--profile", choices=("smoke", "quick", "full"), default="quick",
-                       help="smoke: seconds (pipeline check); quick: minutes; full: >= 3 seeds")
+                       help="smoke: seconds (pipeline check); quick: >= 3 seeds; full: >= 5 seeds")
         q.add_argument("--jobs", type=positive_int, default=1,
                        help="runs in parallel (threads per run = cores // jobs)")
         q.add_argument("--out", default="bnlab-lab", help="results folder (resumable)")
