@@ -14,7 +14,7 @@ from bnlab.experiments import get_experiment
 from bnlab.experiments.base import RunResult, RunSpec
 from bnlab.train import TrainConfig
 from bnlab.train.builder import build
-from bnlab.train.loop import _make_optimizer, weight_groups
+from bnlab.train.loop import optimizer_for, weight_groups
 
 Results = Callable[..., list[RunResult]]
 
@@ -65,7 +65,7 @@ def test_weight_decay_runs_decay_only_the_weights_and_pair_by_seed() -> None:
 
 def _one_step(config: TrainConfig, model: torch.nn.Module, x: torch.Tensor,
               y: torch.Tensor) -> torch.nn.Module:
-    opt = _make_optimizer(config, model)
+    opt = optimizer_for(config, model)
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     return model
@@ -103,7 +103,7 @@ def test_weight_groups_hold_every_parameter_once_and_default_is_unchanged() -> N
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in net.parameters())
     assert groups[1]["weight_decay"] == 0.0 and "weight_decay" not in groups[0]
-    opt = _make_optimizer(TrainConfig(weight_decay=0.1), net)
+    opt = optimizer_for(TrainConfig(weight_decay=0.1), net)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.1
     assert TrainConfig.from_json(TrainConfig(decay_weights_only=True).to_json()) == (
         TrainConfig(decay_weights_only=True))

@@ -255,9 +255,15 @@ def _prepare(config: TrainConfig, info: ddp.DistInfo, out_dir: Path | str | None
     writer = RunWriter(out) if out is not None and info.is_main else None
     return _Run(config=config, dist=info, data=data, x_train=x_train, y_train=y_train,
                 total_steps=total, device=device, model=model, net=net,
-                optimizer=_make_optimizer(config, weight_groups(net) if config.decay_weights_only
-                                              else net.parameters()), writer=writer,
+                optimizer=optimizer_for(config, net), writer=writer,
                 t_start=t_start, generator=torch.Generator().manual_seed(config.seed))
+
+
+def optimizer_for(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    """The run's optimizer over ``net``'s parameters (with ``decay_weights_only``, in the
+    groups of :func:`weight_groups`)."""
+    return _make_optimizer(config, weight_groups(net) if config.decay_weights_only
+                           else net.parameters())
 
 
 def _make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
