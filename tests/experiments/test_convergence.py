@@ -42,7 +42,8 @@ def by_seed(diffs_pp: list[float]) -> Outcome:
         ([6.0, -4.0, 5.0, -3.0, 4.0], "inconclusive"),  # the interval straddles 1 point
     ],
 )
-def test_convergence_verdicts(synthetic_results: Results, diffs: list[float], expected: str) -> None:
+def test_convergence_verdicts(synthetic_results: Results, diffs: list[float],
+                              expected: str) -> None:
     exp = get_experiment("convergence")
     a = exp.analyse(exp.config("full"), synthetic_results("convergence", by_seed(diffs)))
     assert a.verdict == expected
@@ -57,7 +58,8 @@ def test_quick_decides_like_full_on_the_same_seeds(synthetic_results: Results) -
     quick, full = exp.config("quick"), exp.config("full")
     assert quick.seeds == full.seeds[:3] and quick.steps == full.steps
     clear = by_seed([1.5, 1.8, 1.6, 1.4, 1.7])
-    assert exp.analyse(quick, synthetic_results("convergence", clear, "quick")).verdict == "supported"
+    clear_results = synthetic_results("convergence", clear, "quick")
+    assert exp.analyse(quick, clear_results).verdict == "supported"
     noisy = by_seed([6.0, -4.0, 5.0])
     assert exp.analyse(quick, synthetic_results("convergence", noisy, "quick")).verdict == (
         "inconclusive")

@@ -66,7 +66,8 @@ def test_hyperparameter_verdicts(synthetic_results: Results, bn: list[int], none
 def test_a_grid_that_does_not_separate_decides_nothing(synthetic_results: Results) -> None:
     exp = get_experiment("hyperparameters")
     for count in (0, 18):
-        a = exp.analyse(CFG, synthetic_results("hyperparameters", good_cells([count] * 5, [count] * 5)))
+        cells = good_cells([count] * 5, [count] * 5)
+        a = exp.analyse(CFG, synthetic_results("hyperparameters", cells))
         assert a.verdict == "inconclusive", count
     a = exp.analyse(CFG, synthetic_results("hyperparameters", good_cells([18, 0, 18, 0, 18],
                                                                   [18, 0, 18, 0, 18])))
