@@ -52,6 +52,19 @@ def test_weight_decay_rule(synthetic_results: Results, gain: dict[str, float], j
     assert "95 % CI" in a.headline
 
 
+def test_a_difference_made_by_l2_hurting_bn_is_said_so(synthetic_results: Results) -> None:
+    """L2 changes nothing without BN and costs a point with BN: the difference is +1 point
+    (supported by the rule), and a note says that no need for L2 was shown."""
+    exp = get_experiment("weight-decay")
+    a = exp.analyse(exp.config("full"), synthetic_results(
+        "weight-decay", outcome_with({"none": 0.0, "bn": -0.01})))
+    assert a.verdict == "supported"
+    assert any("L2 does not help" in n for n in a.notes)
+    helps = exp.analyse(exp.config("full"), synthetic_results(
+        "weight-decay", outcome_with({"none": 0.02, "bn": 0.0})))
+    assert helps.notes == []
+
+
 def test_weight_decay_runs_decay_only_the_weights_and_pair_by_seed() -> None:
     exp = get_experiment("weight-decay")
     cfg = exp.config("full")

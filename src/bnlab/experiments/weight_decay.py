@@ -129,8 +129,16 @@ class WeightDecay(Experiment):
             f"without BN and by {text['bn']} with BN; BN reduces what it adds by "
             f"{decision.pm(2)} points."
         )
+        notes = []
+        if not effect["gain_none_ci_low_pp"] > 0:
+            notes.append(
+                "Without BN, L2 does not help here (its gain's interval is not above zero): "
+                "a positive difference then comes from L2 costing accuracy with BN, not from "
+                "BN removing a need for L2 that this protocol shows. Read the verdict with "
+                "both gains."
+            )
         return Analysis(decision.verdict, headline, PAIRED.effect(
-            decision, after={**effect, "weight_decay": wd}), table)
+            decision, after={**effect, "weight_decay": wd}), table, notes)
 
     def plot(self, cfg: Config, results: list[RunResult], out_dir: Path) -> list[str]:
         from bnlab._plot import pyplot
