@@ -96,7 +96,8 @@ def test_sigkill_then_rerun_gives_every_run_exactly_once(
             assert steps and steps == sorted(set(steps)), run.run_dir  # no duplicated rows
     # the runner trained the seeds of a cell together where it could (a group cut by the
     # kill has its remaining runs redone on their own, or stacked again if several)
-    assert (stacked > 0) == (stackable > 0), (stacked, stackable)
+    assert stackable > 0  # the smoke profile has cells of several seeds (init-sensitivity)
+    assert stacked > 0, (stacked, stackable)
     assert "total" in smoke_lab["stdout"]  # type: ignore[operator]
     for name in NAMES:
         assert name in smoke_lab["stdout"]  # type: ignore[operator]

@@ -76,7 +76,7 @@ class InitSensitivity(Experiment):
     }
     rule = PAIRED.rule
     profiles: ClassVar[dict[str, Config]] = {
-        "smoke": Config(seeds=(0,), steps=10, scales=(0.1, 10.0), eval_subset=200),
+        "smoke": Config(seeds=(0, 1), steps=10, scales=(0.1, 10.0), eval_subset=200),
         "quick": Config(seeds=(0, 1, 2), steps=500),
         "full": Config(seeds=(0, 1, 2, 3, 4), steps=500),
     }
